@@ -4,10 +4,19 @@
 
 #include <cstddef>
 #include <span>
+#include <string>
 
 #include "layerd/core/task.hpp"
 
 namespace layerd::archive {
+
+// One entry of Changes. Kind values as Docker's archive.ChangeType.
+struct Change {
+  enum Kind : int { kModified = 0, kAdded = 1, kDeleted = 2 };
+  std::string path;  // absolute within the layer: "/etc/hosts"
+  int kind = kModified;
+  bool operator==(const Change&) const = default;
+};
 
 class ByteSource {
  public:

@@ -44,11 +44,7 @@ struct CreateRequest {
   bool read_write = false;
 };
 
-// Kind values as Docker's archive.ChangeType: 0 modified, 1 added, 2 deleted.
-struct Change {
-  std::string path;
-  int kind = 0;
-};
+using archive::Change;
 
 struct LayerInfo {
   std::string id;
