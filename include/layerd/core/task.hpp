@@ -42,11 +42,7 @@ template <typename T>
 struct Promise : PromiseBase {
   std::optional<T> value;
   Task<T> get_return_object() noexcept;
-  template <typename U>
-    requires std::is_convertible_v<U&&, T>
-  void return_value(U&& v) {
-    value.emplace(std::forward<U>(v));
-  }
+  void return_value(T v) { value.emplace(std::move(v)); }
   T take() {
     rethrow_if_error();
     assert(value.has_value());
