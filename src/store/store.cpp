@@ -319,12 +319,14 @@ Task<void> Store::open() {
   std::string links = home_ + "/" + std::string(kLinkDirName);
   // mkdir -p walks path components: blocking, so on the pool. The seed makes HOME/l with
   // MkdirAllAndChown(0701), which also chmods an existing l/ to 0701.
-  umask_ = co_await core::offload([home, links] {
+  // Named, not a temporary: see resolve_link().
+  auto prepare = core::offload([home, links] {
     detail::mkdir_all(home, 0701);
     detail::mkdir_all(links, 0701);
     if (::chmod(links.c_str(), 0701) != 0) throw Error(errno, "setting mode of " + links);
     return detail::read_umask();
   });
+  umask_ = co_await prepare;
   int fd = co_await core::openat(AT_FDCWD, home_.c_str(), O_PATH | O_DIRECTORY);
   if (fd < 0) throw Error(fd, "opening store home " + home_);
   home_fd_.reset(fd);
@@ -375,10 +377,13 @@ Task<std::optional<std::string>> Store::resolve_link(std::string_view link_id) {
   std::string lpath = link_path_for(link_id);
   int home = home_fd();
   // readlinkat has no ring op.
-  std::string target = co_await core::offload([home, lpath] {
+  // Named, not a temporary: GCC 12 destroys a temporary awaitable's captures twice when its
+  // co_await initialises a variable.
+  auto readlink_op = core::offload([home, lpath] {
     std::string t;
     return detail::read_link(home, lpath, t) == 0 ? t : std::string();
   });
+  std::string target = co_await readlink_op;
   std::string id = id_from_link_target(target);
   if (id.empty()) co_return std::nullopt;
   co_return id;
@@ -396,7 +401,8 @@ Task<void> Store::make_dir(std::string rel, unsigned mode, std::string context) 
 Task<void> Store::delete_tree(std::string name, std::string context) {
   int home = home_fd();
   try {
-    co_await core::offload([home, name] { detail::remove_tree_at(home, name); });
+    auto op = core::offload([home, name] { detail::remove_tree_at(home, name); });
+    co_await op;
   } catch (const Error& e) {
     throw Error(e.errno_value(), context + ": " + e.what());
   }
@@ -534,8 +540,9 @@ Task<void> Store::remove(std::string_view id_view) {
   if (r < 0) throw Error(r, "removing layer " + id + ": renaming to trash");
   int home = home_fd();
   try {
-    co_await core::offload(
+    auto op = core::offload(
         [home, link_id, id, trash] { unlink_and_delete(home, link_id, id, trash); });
+    co_await op;
   } catch (const Error& e) {
     throw Error(e.errno_value(), "removing layer " + id + " (left in " + trash + "): " + e.what());
   }
@@ -543,7 +550,8 @@ Task<void> Store::remove(std::string_view id_view) {
 
 Task<std::vector<std::string>> Store::list() {
   int home = home_fd();
-  auto names = co_await core::offload([home] { return detail::list_dir(home, ".", true); });
+  auto op = core::offload([home] { return detail::list_dir(home, ".", true); });
+  auto names = co_await op;
   std::vector<std::string> ids;
   for (auto& n : names)
     if (is_valid_id(n)) ids.push_back(std::move(n));
@@ -553,7 +561,8 @@ Task<std::vector<std::string>> Store::list() {
 
 Task<Store::RepairReport> Store::repair() {
   int home = home_fd();
-  co_return co_await core::offload([home] { return repair_blocking(home); });
+  auto op = core::offload([home] { return repair_blocking(home); });
+  co_return co_await op;
 }
 
 Task<std::string> Store::make_staging_dir(std::string_view id_view) {
