@@ -15,8 +15,6 @@ namespace layerd::api {
 namespace {
 
 constexpr std::size_t kInputBufferBytes = 64 * 1024;
-// /v1/events checks this often whether its client is still there when no event arrives.
-constexpr std::chrono::seconds kEventLivenessInterval{5};
 
 // Registers the cancel source of the wait in progress so that interrupt()/abort_socket() can end
 // it; `interruptible` waits (idle between requests, an event stream) end on shutdown at once,
@@ -429,7 +427,7 @@ core::Task<bool> Connection::wait_for_events(EventQueue& queue) {
     bool woke;
     {
       WaitScope wait(waiting_, waiting_interruptible_, cancel, true);
-      core::Deadline liveness(cancel, kEventLivenessInterval);
+      core::Deadline liveness(cancel, server_.config.event_liveness_interval);
       woke = co_await queue.ready.wait(&cancel);
       liveness.disarm();
     }

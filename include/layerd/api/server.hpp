@@ -40,6 +40,8 @@ struct ServerConfig {
   std::chrono::milliseconds shutdown_grace{500};
   // Events queued for one /v1/events client before it is dropped as too slow.
   std::size_t event_queue_limit = 1024;
+  // How often an /v1/events stream without events checks that its client is still there.
+  std::chrono::milliseconds event_liveness_interval{5'000};
   int listen_backlog = 4096;
 };
 
