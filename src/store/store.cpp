@@ -531,6 +531,18 @@ Task<void> Store::mark_committed(std::string_view id_view) {
 Task<void> Store::remove(std::string_view id_view) {
   validate_id(id_view);
   std::string id(id_view);
+  // A layer still mounted on merged/ is refused before it disappears: the trash walk would stop
+  // at the mount anyway (EBUSY) and leave the data behind under a trash name. A dead FUSE
+  // mount answers stat with ENOTCONN: mounted as well.
+  {
+    std::string merged = id + "/" + std::string(kMergedDirName);
+    struct statx stx {};
+    int m = co_await core::statx(home_fd(), merged.c_str(), AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT,
+                                 STATX_TYPE, &stx);
+    bool mounted = m == -ENOTCONN || (m == 0 && (stx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT) &&
+                                      (stx.stx_attributes & STATX_ATTR_MOUNT_ROOT));
+    if (mounted) throw Error(EBUSY, "removing layer " + id + ": " + merged + " is still mounted");
+  }
   std::string link_id;
   int r = co_await read_file(home_fd(), id + "/" + std::string(kLinkFileName), link_id);
   if (r < 0) link_id.clear();  // a layer without link file is still removed

@@ -124,7 +124,8 @@ class Store {
   // points at this layer, then deletes the trash tree on the offload pool (never following
   // symlinks, making read-only directories writable, refusing to descend into a mount: EBUSY).
   // Throws ENOENT "layer ID does not exist" when there is nothing to remove (the seed's Remove
-  // returns success then: the driver decides). Must not run while the layer is mounted.
+  // returns success then: the driver decides). A layer whose merged/ is still a mount point
+  // (alive or dead) is refused with EBUSY before anything changes: unmount first.
   core::Task<void> remove(std::string_view id);
 
   // Layer ids (directories of HOME other than l/, staging and trash), sorted.

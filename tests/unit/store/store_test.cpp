@@ -1,6 +1,7 @@
 // Store: the on-disk layout of Docker's fuse-overlayfs driver, byte for byte, with atomic
 // create/remove, the ApplyDiff staging swap and crash repair. Real files in a temp directory.
 #include <fcntl.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -374,6 +375,23 @@ TEST_F(StoreTest, RemoveDeletesTheTreeAndLinkWithoutFollowingSymlinks) {
 
   Error e = expect_error(loop_, store_->remove("child"));
   EXPECT_EQ(e.errno_value(), ENOENT);
+}
+
+TEST_F(StoreTest, RemoveRefusesAMountedLayer) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to mount tmpfs on merged/";
+  create("base");
+  create("child", "base");
+  std::string merged = h("child/merged");
+  ASSERT_EQ(::mkdir(merged.c_str(), 0700), 0);
+  ASSERT_EQ(::mount("tmpfs", merged.c_str(), "tmpfs", 0, "size=1m"), 0);
+  write_file(merged + "/inside", "x");
+  auto before = snapshot(home_);
+  Error e = expect_error(loop_, store_->remove("child"));
+  EXPECT_EQ(e.errno_value(), EBUSY) << e.what();
+  EXPECT_EQ(snapshot(home_), before);
+  ASSERT_EQ(::umount2(merged.c_str(), 0), 0);
+  loop_.block_on(store_->remove("child"));
+  EXPECT_FALSE(exists(h("child")));
 }
 
 TEST_F(StoreTest, RemoveSparesALinkThatPointsElsewhere) {
