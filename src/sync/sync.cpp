@@ -66,8 +66,11 @@ core::Task<bool> Semaphore::acquire(core::CancelSource* cancel) {
 }
 
 core::Task<Semaphore::Guard> Semaphore::scoped(core::CancelSource* cancel) {
-  if (co_await acquire(cancel)) co_return Guard(this);
-  co_return Guard();
+  // Not `if (co_await ...) co_return ...;`: GCC 12 miscompiles a co_await in an if-condition
+  // followed by co_return in both branches (the frame resumes at an invalid suspend point and
+  // hits ud2 / SIGILL). Await into a named variable first.
+  bool acquired = co_await acquire(cancel);
+  co_return acquired ? Guard(this) : Guard();
 }
 
 bool Semaphore::try_acquire() noexcept {
