@@ -6,6 +6,7 @@ namespace layerd::core {
 
 void RingOp::start(std::coroutine_handle<> waiter) {
   waiter_ = waiter;
+  cancel_requested_ = false;
   Loop& loop = Loop::current();
   if (!register_with(cancel_)) {
     // Cancelled before it started: nothing reaches the kernel. Resumed through the ready queue
@@ -30,6 +31,10 @@ void RingOp::start(std::coroutine_handle<> waiter) {
 void RingOp::complete(int result, std::uint32_t) noexcept {
   in_flight_ = false;
   unregister();
+  // A request already running in an io-wq worker (a connect blocked on a full backlog) is
+  // interrupted by a cancel or by its linked timeout and completes with -EINTR; nothing else
+  // signals io-wq workers, so that result means "cancelled" and is reported as such.
+  if (result == -EINTR && (cancel_requested_ || timeout_)) result = -ECANCELED;
   result_ = map_result(result);
   Loop::current().post(waiter_);
 }
@@ -45,6 +50,7 @@ void RingOp::request_cancel() noexcept {
   }
   io_uring_prep_cancel(sqe, static_cast<Completion*>(this), 0);
   io_uring_sqe_set_data64(sqe, kIgnoredCompletion);
+  cancel_requested_ = true;
 }
 
 struct Deadline::State final : Completion {

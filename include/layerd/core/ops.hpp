@@ -1,6 +1,6 @@
 // Awaitable ring operations. Each is a pinned object living in the awaiting coroutine's frame
 // (the co_await temporary); its address is the SQE's user_data. co_await yields the CQE result:
-// >= 0 on success, a negative errno on failure (-ECANCELED when cancelled before it ran).
+// >= 0 on success, a negative errno on failure (-ECANCELED when cancelled before it finished).
 //
 //   int n = co_await core::read(fd, buf, len, offset);
 //   int n = co_await core::recv(fd, buf, len).cancel_on(source).timeout(5s);
@@ -59,6 +59,10 @@ class RingOp : public Completion, public Cancellable {
 
   void complete(int result, std::uint32_t cqe_flags) noexcept override;
 
+  // True from submission until the operation's own CQE has been reaped: the kernel may still
+  // write into the object (buffers, the SQE's user_data) while it is.
+  [[nodiscard]] bool in_flight() const noexcept { return in_flight_; }
+
  protected:
   ~RingOp() { assert(!in_flight_ && "ring operation destroyed while in flight"); }
   virtual void prepare(io_uring_sqe* sqe) = 0;
@@ -74,6 +78,9 @@ class RingOp : public Completion, public Cancellable {
   std::coroutine_handle<> waiter_;
   int result_ = 0;
   bool in_flight_ = false;
+  // Set when this operation asked the kernel to cancel it (see complete(): -EINTR then means
+  // "cancelled").
+  bool cancel_requested_ = false;
 };
 
 // Chainable options: `cancel_on` registers with a CancelSource; `timeout` links an
