@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -473,6 +474,8 @@ int main(int argc, char** argv) {
     o.prefix = fmt::format("lb-{:x}", static_cast<unsigned>(::getpid() ^ (std::time(nullptr) << 8)) & 0xffffff);
   }
   raise_fd_limit();
+  // libuv writes with write(2): a server that closes mid-upload must be an error, not SIGPIPE.
+  (void)std::signal(SIGPIPE, SIG_IGN);
   // Reads through mounts run on libuv's pool: enough threads to keep many in flight.
   (void)::setenv("UV_THREADPOOL_SIZE", "32", 0);
 
