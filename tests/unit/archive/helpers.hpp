@@ -34,7 +34,7 @@ class MemorySource final : public ByteSource {
     // yield: behave like a socket, giving the loop a turn on every read.
     if (yield_) co_await layerd::core::yield();
     std::size_t n = std::min({buf.size(), chunk_, data_.size() - pos_});
-    std::memcpy(buf.data(), data_.data() + pos_, n);
+    if (n > 0) std::memcpy(buf.data(), data_.data() + pos_, n);
     pos_ += n;
     co_return n;
   }
