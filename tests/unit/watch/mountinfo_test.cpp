@@ -5,6 +5,7 @@
 #include <string>
 
 #include "layerd/core/loop.hpp"
+#include "layerd/core/scope.hpp"
 #include "layerd/watch/watch.hpp"
 
 using namespace layerd;
@@ -112,6 +113,23 @@ TEST(MountTable, RefreshReadsTheRealTable) {
   // Reading again from offset 0 of the same fd yields the same table.
   loop.block_on(table.refresh());
   EXPECT_EQ(table.generation(), gen);
+}
+
+core::Task<void> refresh_and_count(watch::MountTable& table, int& done) {
+  co_await table.refresh();
+  ++done;
+}
+
+TEST(MountTable, ConcurrentRefreshesAllFinish) {
+  core::Loop loop;
+  watch::MountTable table;
+  core::Scope scope;
+  int done = 0;
+  for (int i = 0; i < 8; ++i) scope.spawn(refresh_and_count(table, done));
+  EXPECT_TRUE(loop.block_on(scope.join()));
+  EXPECT_EQ(scope.failed(), 0u);
+  EXPECT_EQ(done, 8);
+  EXPECT_TRUE(table.is_mounted("/"));
 }
 
 }  // namespace
