@@ -1,57 +1,1091 @@
-// Work in progress: replaced by the real driver (issue 3). Every call fails clearly for now.
+// The graphdriver. Each call validates the id, takes the layer's key in the KeyedMutex (FIFO),
+// then works on the store (layout), proc (FUSE servers, fusermount3) and watch (mount table,
+// inotify). Mount state lives in `mounts_`; every change of it emits an event and updates metrics.
 #include "layerd/driver/driver.hpp"
 
+#include <fcntl.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/inotify.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstdlib>
+#include <filesystem>
+#include <set>
+#include <unordered_map>
+
+#include "layerd/archive/archive.hpp"
+#include "layerd/core/ops.hpp"
+#include "layerd/core/scope.hpp"
+#include "layerd/proc/child.hpp"
+#include "layerd/store/store.hpp"
+#include "layerd/sync/sync.hpp"
 #include "layerd/sys/error.hpp"
+#include "layerd/sys/fd.hpp"
+#include "layerd/sys/syscalls.hpp"
+#include "layerd/watch/watch.hpp"
+#include "mount_options.hpp"
+#include "runtime_state.hpp"
 
 namespace layerd::driver {
 
-struct Driver::Impl {
-  DriverConfig config;
-  DriverMetrics metrics;
-};
-
 namespace {
-[[noreturn]] void unavailable(const char* call) {
-  throw Error(ENOSYS, std::string(call) + " is not implemented yet");
+
+double wall_seconds() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
 }
+
+double seconds_since(core::Clock::time_point start) {
+  return std::chrono::duration<double>(core::Clock::now() - start).count();
+}
+
+// Backing filesystem names for Status, as Docker prints them.
+std::string filesystem_name(long magic) {
+  switch (static_cast<unsigned long>(magic)) {
+    case 0xEF53: return "extfs";
+    case 0x01021994: return "tmpfs";
+    case 0x58465342: return "xfs";
+    case 0x9123683E: return "btrfs";
+    case 0x794C7630: return "overlayfs";
+    case 0x65735546: return "fuse";
+    case 0x2FC12FC1: return "zfs";
+    default: {
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "0x%lx", static_cast<unsigned long>(magic));
+      return buf;
+    }
+  }
+}
+
 }  // namespace
 
-Driver::Driver(DriverConfig config) : impl_(std::make_unique<Impl>(Impl{std::move(config), {}})) {}
+// A running fuse-overlayfs. Shared between the layer's mount state and the task that waits for
+// its exit, so whichever lets go last frees it.
+struct Server {
+  explicit Server(proc::Child c) : child(std::move(c)) {}
+  proc::Child child;
+  long long start_time = 0;
+  bool exited = false;
+  std::optional<proc::ExitStatus> status;
+  bool expected_exit = false;             // layerd is unmounting it
+  sync::Event exit_event;
+  core::CancelSource* readiness = nullptr;  // a mount waiting for it to become ready
+  std::string log_path;
+};
+
+struct MountRuntime {
+  int refcount = 0;
+  bool mounted = false;
+  bool failed = false;
+  std::shared_ptr<Server> server;
+  std::string options;
+  std::string last_error;
+  int inotify_wd = -1;
+  int consecutive_failures = 0;
+};
+
+struct Driver::Impl {
+  explicit Impl(DriverConfig c)
+      : config(std::move(c)), spawn_slots(std::max(1u, config.max_concurrent_spawns)) {}
+
+  DriverConfig config;
+  std::unique_ptr<store::Store> store;
+  std::string home;  // canonical path of the store's home
+  bool started = false;
+  bool initialized = false;
+  InitRequest init_request;
+  sync::KeyedMutex locks;
+  sync::Semaphore spawn_slots;
+  watch::MountTable table;
+  std::unique_ptr<watch::MountWatcher> watcher;
+  std::unique_ptr<watch::InotifyWatcher> inotify;
+  std::unordered_map<int, std::string> layer_of_watch;
+  std::unordered_map<std::string, MountRuntime> mounts;
+  // Every layer of the home and its parent ("" for a base layer), for /v1/layers and Status.
+  std::map<std::string, std::string> catalog;
+  std::unique_ptr<RuntimeState> runtime;
+  core::Scope background;
+  core::CancelSource stop;
+  DriverMetrics metrics;
+  std::map<std::uint64_t, EventHandler> subscribers;
+  std::uint64_t next_subscription = 1;
+  std::string fuse_overlayfs_version;
+
+  // --- helpers ----------------------------------------------------------------------------------
+
+  void emit(std::string type, const std::string& layer, std::string detail = {}) {
+    Event event{wall_seconds(), std::move(type), layer, std::move(detail)};
+    // Copy: a handler may unsubscribe itself.
+    auto handlers = subscribers;
+    for (auto& [id, handler] : handlers) handler(event);
+  }
+
+  std::string layer_dir(const std::string& id) const { return home + "/" + id; }
+  std::string merged_dir(const std::string& id) const { return layer_dir(id) + "/merged"; }
+  std::string diff_dir(const std::string& id) const { return layer_dir(id) + "/diff"; }
+
+  void require_started() const {
+    if (!started) throw Error(EAGAIN, "the driver is not started");
+  }
+
+  core::Task<store::LayerRecord> load_existing(const std::string& id) {
+    co_return co_await store->load(id);
+  }
+
+  core::Task<void> open_home(const std::string& path) {
+    auto next = std::make_unique<store::Store>(path);
+    co_await next->open();
+    (void)co_await next->repair();
+    char resolved[PATH_MAX];
+    if (::realpath(path.c_str(), resolved) == nullptr)
+      throw Error(errno, "resolving the home " + path);
+    store = std::move(next);
+    if (watcher && !home.empty()) watcher->unwatch_prefix(home);
+    home = resolved;
+    if (watcher) watcher->watch_prefix(home);
+    co_await rebuild_catalog();
+  }
+
+  // --- mounting ---------------------------------------------------------------------------------
+
+  core::Task<void> mount(const std::string& id, const store::LayerRecord& record,
+                         const std::string& mount_label);
+  core::Task<void> unmount(const std::string& id, MountRuntime& state);
+  core::Task<void> detach_dead_mount(const std::string& id);
+  core::Task<void> supervise(std::string id, std::shared_ptr<Server> server);
+  core::Task<void> heal(std::string id, std::string cause);
+  void watch_mountpoint(const std::string& id, MountRuntime& state);
+  void unwatch_mountpoint(MountRuntime& state);
+  core::Task<void> save_runtime(const std::string& id);
+  core::Task<void> adopt_runtime_state();
+  core::Task<void> rebuild_catalog();
+
+  // --- diffs ------------------------------------------------------------------------------------
+
+  // As the seed's isParent: `parent` is the layer's direct parent ("" for a base layer).
+  core::Task<bool> is_direct_parent(const store::LayerRecord& record, const std::string& parent);
+  core::Task<sys::UniqueFd> open_dir(const std::string& path);
+  core::Task<std::vector<sys::UniqueFd>> open_lowers(const store::LayerRecord& record);
+};
+
+// --- mount / unmount -----------------------------------------------------------------------------
+
+core::Task<void> Driver::Impl::mount(const std::string& id, const store::LayerRecord& record,
+                                     const std::string& mount_label) {
+  const auto started_at = core::Clock::now();
+  const std::string merged = merged_dir(id);
+  MountSpec spec{id, record.lowers, record.committed, mount_label};
+  const std::string options = build_mount_options(spec);
+
+  // 0700 as the seed creates it. EEXIST: left by an earlier mount or a crash.
+  int res = co_await core::mkdirat(AT_FDCWD, merged.c_str(), 0700);
+  if (res < 0 && res != -EEXIST) throw Error(res, "creating the mountpoint " + merged);
+
+  // A stale mount left behind (a dead server from before a crash): get rid of it first.
+  co_await table.refresh();
+  if (table.is_mounted(merged)) co_await detach_dead_mount(id);
+
+  const std::string log_path = config.run_dir + "/logs/" + id + ".log";
+  int opened = co_await core::openat(AT_FDCWD, log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
+                                     0600);
+  if (opened < 0) throw Error(opened, "opening the server log " + log_path);
+  sys::UniqueFd log_fd(opened);
+
+  proc::SpawnOptions spawn;
+  spawn.argv = {config.fuse_overlayfs, "-f", "-o", options, merged};
+  spawn.cwd = home;  // the options name paths relative to the home, as the seed's do
+  spawn.new_session = true;  // outlives layerd; no controlling terminal, no shared signals
+  spawn.stdout_mode = proc::Stdio::kFd;
+  spawn.stderr_mode = proc::Stdio::kFd;
+  spawn.stdout_fd = log_fd.get();
+  spawn.stderr_fd = log_fd.get();
+
+  auto slot = co_await spawn_slots.scoped(&stop);
+  if (!slot) throw Error(ECANCELED, "layerd is shutting down");
+  // posix_spawn waits for the child's exec: done on a worker so the loop keeps serving.
+  proc::Child child = co_await core::offload([&spawn] { return proc::Child::spawn(spawn); });
+  log_fd.reset();
+  auto server = std::make_shared<Server>(std::move(child));
+  server->log_path = log_path;
+  server->start_time = proc::process_start_time(server->child.pid());
+
+  core::CancelSource readiness;
+  server->readiness = &readiness;
+  background.spawn(supervise(id, server));
+  bool mounted;
+  {
+    core::Deadline deadline(readiness, config.mount_timeout);
+    mounted = co_await watcher->wait_mounted(merged, &readiness);
+  }
+  server->readiness = nullptr;
+  slot.release();
+
+  if (!mounted) {
+    ++metrics.mount_failures;
+    std::string reason;
+    if (server->exited) {
+      std::string log;
+      (void)sys::read_small_file(AT_FDCWD, log_path.c_str(), log, 64 * 1024);
+      while (!log.empty() && (log.back() == '\n' || log.back() == ' ')) log.pop_back();
+      if (log.size() > 4096) log = "..." + log.substr(log.size() - 4096);
+      reason = "fuse-overlayfs " +
+               (server->status ? server->status->describe() : std::string("exited")) + ": " +
+               (log.empty() ? std::string("<stderr empty>") : log);
+    } else {
+      server->expected_exit = true;
+      (void)server->child.signal(SIGKILL);
+      (void)co_await server->exit_event.wait(nullptr);
+      reason = stop.cancelled() ? "layerd is shutting down"
+                                : "fuse-overlayfs did not mount within the timeout";
+    }
+    (void)co_await core::unlinkat(AT_FDCWD, merged.c_str(), AT_REMOVEDIR);
+    emit("failure", id, "mount: " + reason);
+    throw Error(EIO, "mounting layer " + id + ": " + reason);
+  }
+
+  MountRuntime& state = mounts[id];
+  state.server = server;
+  state.options = options;
+  state.mounted = true;
+  state.failed = false;
+  state.last_error.clear();
+  watch_mountpoint(id, state);
+  ++metrics.mounts;
+  metrics.mount_seconds.observe(seconds_since(started_at));
+  emit("mount", id, "pid " + std::to_string(server->child.pid()));
+}
+
+// Lazily detaches a mount whose server is gone (or that is stuck), as the last resort of the
+// seed's unmount sequence. syncfs and umount2 can block on a FUSE mount: done on a worker.
+core::Task<void> Driver::Impl::detach_dead_mount(const std::string& id) {
+  const std::string merged = merged_dir(id);
+  int res = co_await core::offload([merged] {
+    if (::umount2(merged.c_str(), MNT_DETACH) < 0) return -errno;
+    return 0;
+  });
+  if (res < 0 && res != -EINVAL && res != -ENOENT)
+    throw Error(res, "detaching the mount " + merged);
+}
+
+core::Task<void> Driver::Impl::unmount(const std::string& id, MountRuntime& state) {
+  const auto started_at = core::Clock::now();
+  const std::string merged = merged_dir(id);
+  std::shared_ptr<Server> server = state.server;
+  if (server) server->expected_exit = true;
+  unwatch_mountpoint(state);
+
+  bool unmounted = false;
+  co_await table.refresh();
+  if (!table.is_mounted(merged)) {
+    unmounted = true;
+  } else {
+    for (const char* tool : {"fusermount3", "fusermount"}) {
+      proc::SpawnOptions spawn;
+      spawn.argv = {tool, "-u", merged};
+      try {
+        proc::RunResult result = co_await proc::run(spawn, std::chrono::seconds(10));
+        if (result.status.success()) {
+          unmounted = true;
+          break;
+        }
+      } catch (const Error&) {
+        // Not installed: try the next way.
+      }
+    }
+  }
+  if (!unmounted) {
+    // Push pending writes to the upper directory before detaching, as the seed does.
+    (void)co_await core::offload([merged] {
+      sys::UniqueFd fd(::open(merged.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+      if (fd) (void)::syncfs(fd.get());
+    });
+    co_await detach_dead_mount(id);
+  }
+
+  if (server && !server->exited) {
+    // fuse-overlayfs exits once its mount is gone; give it a moment, then make sure.
+    core::CancelSource patience;
+    bool exited;
+    {
+      core::Deadline deadline(patience, std::chrono::seconds(5));
+      exited = co_await server->exit_event.wait(&patience);
+    }
+    if (!exited) {
+      (void)server->child.signal(SIGKILL);
+      (void)co_await server->exit_event.wait(nullptr);
+    }
+  }
+  // Removing the mountpoint also drops copies of the mount in other namespaces (see the seed).
+  (void)co_await core::unlinkat(AT_FDCWD, merged.c_str(), AT_REMOVEDIR);
+
+  state.mounted = false;
+  state.server.reset();
+  ++metrics.unmounts;
+  metrics.unmount_seconds.observe(seconds_since(started_at));
+  emit("unmount", id);
+}
+
+// Waits for a FUSE server to exit; an exit layerd did not ask for starts healing at once.
+core::Task<void> Driver::Impl::supervise(std::string id, std::shared_ptr<Server> server) {
+  std::optional<proc::ExitStatus> status = co_await server->child.wait(&stop);
+  if (!status) co_return;  // layerd is stopping; the server lives on
+  server->exited = true;
+  server->status = status;
+  metrics.child_exits[std::string("reason=\"") +
+                      (server->expected_exit ? "expected" : "unexpected") + "\""]++;
+  if (server->readiness) server->readiness->cancel();
+  server->exit_event.set();
+  if (server->expected_exit) co_return;
+  auto it = mounts.find(id);
+  if (it == mounts.end() || it->second.server != server) co_return;  // still mounting: Get reports
+  emit("server-exit", id, status->describe());
+  co_await heal(id, "fuse-overlayfs " + status->describe());
+}
+
+// Brings a layer's mount back in line with reality after its server died or its mount vanished:
+// the dead mount is detached and, while the layer is held, mounted again (policy permitting).
+core::Task<void> Driver::Impl::heal(std::string id, std::string cause) {
+  auto guard = co_await locks.lock(id, &stop);
+  if (!guard) co_return;
+  auto it = mounts.find(id);
+  if (it == mounts.end() || !it->second.mounted) co_return;
+  MountRuntime& state = it->second;
+  // Re-check under the lock: another operation may have handled it already.
+  co_await table.refresh();
+  const bool server_alive = state.server && !state.server->exited;
+  if (server_alive && table.is_mounted(merged_dir(id))) co_return;
+
+  if (state.server) state.server->expected_exit = true;
+  if (server_alive) {
+    (void)state.server->child.signal(SIGKILL);
+    (void)co_await state.server->exit_event.wait(nullptr);
+  }
+  unwatch_mountpoint(state);
+  if (table.is_mounted(merged_dir(id))) co_await detach_dead_mount(id);
+  state.mounted = false;
+  state.server.reset();
+  state.last_error = cause;
+
+  if (state.refcount <= 0) {
+    (void)co_await core::unlinkat(AT_FDCWD, merged_dir(id).c_str(), AT_REMOVEDIR);
+    mounts.erase(it);
+    emit("unmount", id, "behind layerd's back: " + cause);
+    co_await save_runtime(id);
+    co_return;
+  }
+  if (config.heal_policy == HealPolicy::kMarkFailed) {
+    state.failed = true;
+    emit("failure", id, cause + "; marked failed until the next Get");
+    co_await save_runtime(id);
+    co_return;
+  }
+  // Remount with backoff while it keeps dying: 0, 100 ms, 200 ms, 400 ms, then give up.
+  for (int attempt = 0;; ++attempt) {
+    if (attempt > 0) {
+      (void)co_await core::sleep(std::chrono::milliseconds(100 << (attempt - 1))).cancel_on(stop);
+      if (stop.cancelled()) co_return;
+    }
+    std::string error;
+    try {
+      store::LayerRecord record = co_await store->load(id);
+      co_await mount(id, record, {});
+    } catch (const Error& e) {
+      error = e.what();
+    }
+    if (error.empty()) {
+      MountRuntime& healed = mounts[id];
+      ++metrics.remounts;
+      healed.consecutive_failures = 0;
+      emit("remount", id, "after " + cause);
+      co_await save_runtime(id);
+      co_return;
+    }
+    MountRuntime& failing = mounts[id];
+    failing.last_error = error;
+    if (++failing.consecutive_failures >= 4) {
+      failing.failed = true;
+      emit("failure", id, "remount failed, giving up: " + error);
+      co_await save_runtime(id);
+      co_return;
+    }
+  }
+}
+
+void Driver::Impl::watch_mountpoint(const std::string& id, MountRuntime& state) {
+  int wd = inotify->add(merged_dir(id), IN_UNMOUNT | IN_DELETE_SELF);
+  if (wd < 0) return;  // the mount table watcher still notices
+  state.inotify_wd = wd;
+  layer_of_watch[wd] = id;
+}
+
+void Driver::Impl::unwatch_mountpoint(MountRuntime& state) {
+  if (state.inotify_wd < 0) return;
+  layer_of_watch.erase(state.inotify_wd);
+  inotify->remove(state.inotify_wd);
+  state.inotify_wd = -1;
+}
+
+core::Task<void> Driver::Impl::save_runtime(const std::string& id) {
+  if (!runtime) co_return;
+  auto it = mounts.find(id);
+  if (it == mounts.end() || (!it->second.mounted && it->second.refcount <= 0)) {
+    co_await runtime->erase(home, id);
+    co_return;
+  }
+  const MountRuntime& state = it->second;
+  RuntimeRecord record;
+  record.home = home;
+  record.id = id;
+  record.refcount = state.refcount;
+  record.options = state.options;
+  if (state.server && !state.server->exited) {
+    record.server_pid = state.server->child.pid();
+    record.server_start_time = state.server->start_time;
+  }
+  co_await runtime->save(record);
+}
+
+// After a restart: mounts whose server still runs (same pid and start time) are adopted with
+// their refcounts; dead ones are detached and remounted if held; mounts under the home that no
+// record explains are unmounted.
+core::Task<void> Driver::Impl::adopt_runtime_state() {
+  std::vector<RuntimeRecord> records = co_await runtime->load_all();
+  co_await table.refresh();
+  std::vector<std::string> held_dead;
+  for (RuntimeRecord& record : records) {
+    if (record.home != home) continue;
+    if (!store::is_valid_id(record.id) || !co_await store->exists(record.id)) {
+      co_await runtime->erase(home, record.id);
+      continue;
+    }
+    const std::string merged = merged_dir(record.id);
+    bool adopted = false;
+    if (record.server_pid > 0 && table.is_mounted(merged)) {
+      try {
+        auto server = std::make_shared<Server>(
+            proc::Child::adopt(record.server_pid, record.server_start_time));
+        server->start_time = record.server_start_time;
+        MountRuntime& state = mounts[record.id];
+        state.refcount = record.refcount;
+        state.server = server;
+        state.options = record.options;
+        state.mounted = true;
+        watch_mountpoint(record.id, state);
+        background.spawn(supervise(record.id, server));
+        emit("adopt", record.id, "pid " + std::to_string(record.server_pid));
+        adopted = true;
+      } catch (const Error&) {
+        // Gone, or its pid now names another process: handled as dead below.
+      }
+    }
+    if (adopted) continue;
+    if (table.is_mounted(merged)) co_await detach_dead_mount(record.id);
+    if (record.refcount > 0) {
+      MountRuntime& state = mounts[record.id];
+      state.refcount = record.refcount;
+      held_dead.push_back(record.id);
+    } else {
+      (void)co_await core::unlinkat(AT_FDCWD, merged.c_str(), AT_REMOVEDIR);
+      co_await runtime->erase(home, record.id);
+    }
+  }
+  // Mounts under the home that no record explains: leftovers of a crash before the record was
+  // written. Nobody holds them.
+  co_await table.refresh();
+  for (const watch::MountEntry* entry : table.under(home)) {
+    const std::string& point = entry->mount_point;
+    if (point.size() < 8 || point.compare(point.size() - 7, 7, "/merged") != 0) continue;
+    std::string id = point.substr(home.size() + 1, point.size() - home.size() - 8);
+    if (mounts.count(id)) continue;
+    co_await detach_dead_mount(id);
+    (void)co_await core::unlinkat(AT_FDCWD, point.c_str(), AT_REMOVEDIR);
+    emit("unmount", id, "stale mount found at start");
+  }
+  for (const std::string& id : held_dead) {
+    try {
+      store::LayerRecord layer = co_await store->load(id);
+      co_await mount(id, layer, {});
+      emit("remount", id, "server was gone after restart");
+    } catch (const Error& e) {
+      MountRuntime& state = mounts[id];
+      state.failed = true;
+      state.last_error = e.what();
+      emit("failure", id, std::string("remount after restart: ") + e.what());
+    }
+    co_await save_runtime(id);
+  }
+}
+
+// Reads every layer's link and lower once: the parent of a layer is the layer whose link id
+// heads its lower chain.
+core::Task<void> Driver::Impl::rebuild_catalog() {
+  std::map<std::string, std::string> link_to_id;
+  std::map<std::string, std::string> first_lower;
+  for (const std::string& id : co_await store->list()) {
+    store::LayerRecord record;
+    try {
+      record = co_await store->load(id);
+    } catch (const Error&) {
+      continue;  // a directory that is not a layer
+    }
+    if (!record.link_id.empty()) link_to_id[record.link_id] = id;
+    first_lower[id] = record.lowers.empty() ? "" : record.lowers.front();
+  }
+  catalog.clear();
+  const std::string prefix = std::string(store::kLinkDirName) + "/";
+  for (const auto& [id, lower] : first_lower) {
+    std::string parent;
+    if (lower.rfind(prefix, 0) == 0) {
+      auto it = link_to_id.find(lower.substr(prefix.size()));
+      if (it != link_to_id.end()) parent = it->second;
+    }
+    catalog[id] = parent;
+  }
+}
+
+// --- Driver ---------------------------------------------------------------------------------------
+
+Driver::Driver(DriverConfig config) : impl_(std::make_unique<Impl>(std::move(config))) {}
+
 Driver::~Driver() = default;
-core::Task<void> Driver::start() { co_return; }
-core::Task<void> Driver::init(InitRequest) { unavailable("Init"); co_return; }
-core::Task<void> Driver::create(CreateRequest) { unavailable("Create"); co_return; }
-core::Task<void> Driver::remove(std::string) { unavailable("Remove"); co_return; }
-core::Task<std::string> Driver::get(std::string, std::string) { unavailable("Get"); co_return ""; }
-core::Task<void> Driver::put(std::string) { unavailable("Put"); co_return; }
-core::Task<bool> Driver::exists(std::string) { unavailable("Exists"); co_return false; }
-core::Task<std::map<std::string, std::string>> Driver::metadata(std::string) {
-  unavailable("GetMetadata");
-  co_return {};
+
+core::Task<void> Driver::start() {
+  Impl& d = *impl_;
+  int res = co_await core::mkdirat(AT_FDCWD, d.config.run_dir.c_str(), 0700);
+  if (res < 0 && res != -EEXIST) throw Error(res, "creating the run directory " + d.config.run_dir);
+  const std::string logs = d.config.run_dir + "/logs";
+  res = co_await core::mkdirat(AT_FDCWD, logs.c_str(), 0700);
+  if (res < 0 && res != -EEXIST) throw Error(res, "creating " + logs);
+  co_await d.open_home(d.config.default_home);
+  d.runtime = std::make_unique<RuntimeState>(d.config.run_dir);
+  co_await d.runtime->open();
+  co_await d.table.refresh();
+  d.watcher = std::make_unique<watch::MountWatcher>(d.table);
+  d.watcher->watch_prefix(d.home);
+  d.inotify = std::make_unique<watch::InotifyWatcher>();
+  d.background.spawn(d.watcher->run(d.stop));
+  d.background.spawn(d.inotify->run(d.stop, [&d](int wd, std::uint32_t mask) {
+    auto it = d.layer_of_watch.find(wd);
+    if (it == d.layer_of_watch.end()) return;
+    std::string id = it->second;
+    // The watch is gone with the mount (IN_IGNORED follows): forget it now.
+    if (mask & (IN_UNMOUNT | IN_DELETE_SELF | IN_IGNORED)) {
+      d.layer_of_watch.erase(it);
+      auto state = d.mounts.find(id);
+      if (state != d.mounts.end() && state->second.inotify_wd == wd) state->second.inotify_wd = -1;
+      d.background.spawn(d.heal(id, (mask & IN_DELETE_SELF) ? "mountpoint removed"
+                                                            : "unmounted behind layerd's back"));
+    }
+  }));
+  d.watcher->on_unmount([&d](const std::string& mount_point) {
+    if (mount_point.size() <= d.home.size() + 8) return;
+    if (mount_point.compare(0, d.home.size() + 1, d.home + "/") != 0) return;
+    std::string id =
+        mount_point.substr(d.home.size() + 1, mount_point.size() - d.home.size() - 8);
+    auto state = d.mounts.find(id);
+    if (state == d.mounts.end() || !state->second.mounted) return;
+    d.background.spawn(d.heal(id, "unmounted behind layerd's back"));
+  });
+  {
+    proc::SpawnOptions version;
+    version.argv = {d.config.fuse_overlayfs, "--version"};
+    version.stdout_mode = proc::Stdio::kCapture;
+    try {
+      proc::RunResult result = co_await proc::run(version, std::chrono::seconds(5));
+      const std::string text = result.stdout_text + result.stderr_text;
+      auto pos = text.find("fuse-overlayfs: version ");
+      if (pos != std::string::npos) {
+        auto start = pos + 24;
+        d.fuse_overlayfs_version = text.substr(start, text.find('\n', start) - start);
+      }
+    } catch (const Error&) {
+      d.fuse_overlayfs_version = "not found";
+    }
+  }
+  d.started = true;
+  co_await d.adopt_runtime_state();
 }
-core::Task<std::vector<std::pair<std::string, std::string>>> Driver::status() { co_return {}; }
-core::Task<void> Driver::cleanup() { co_return; }
-core::Task<std::uint64_t> Driver::apply_diff(std::string, std::string, archive::ByteSource&) {
-  unavailable("ApplyDiff");
-  co_return 0;
+
+core::Task<void> Driver::shutdown(std::chrono::milliseconds deadline) {
+  Impl& d = *impl_;
+  if (d.config.unmount_on_exit && d.started) co_await cleanup();
+  d.stop.cancel();
+  if (!co_await d.background.join_for(deadline)) {
+    // Whatever is still running holds nothing the kernel needs: the loop is going away, and the
+    // FUSE servers are detached children that keep serving.
+    (void)co_await d.background.join();
+  }
 }
-core::Task<void> Driver::diff(std::string, std::string, archive::ByteSink&) {
-  unavailable("Diff");
-  co_return;
+
+core::Task<void> Driver::init(InitRequest request) {
+  Impl& d = *impl_;
+  d.require_started();
+  if (request.home.empty()) request.home = d.config.default_home;
+  if (request.home.front() != '/')
+    throw Error(EINVAL, "the home must be an absolute path: " + request.home);
+  char resolved[PATH_MAX];
+  std::string wanted = request.home;
+  if (::realpath(request.home.c_str(), resolved) != nullptr) wanted = resolved;
+  if (wanted != d.home) {
+    std::size_t active = 0;
+    for (const auto& [id, state] : d.mounts)
+      if (state.mounted || state.refcount > 0) ++active;
+    if (active > 0)
+      throw Error(EBUSY, "cannot switch the home to " + request.home + ": " +
+                             std::to_string(active) + " layers of " + d.home +
+                             " are still mounted");
+    co_await d.open_home(request.home);
+  }
+  d.init_request = std::move(request);
+  d.initialized = true;
 }
-core::Task<std::vector<Change>> Driver::changes(std::string, std::string) {
-  unavailable("Changes");
-  co_return {};
+
+core::Task<void> Driver::create(CreateRequest request) {
+  Impl& d = *impl_;
+  d.require_started();
+  if (!request.storage_opt.empty()) throw Error(EINVAL, "--storage-opt is not supported");
+  store::validate_id(request.id);
+  if (!request.parent.empty()) store::validate_id(request.parent);
+  if (request.parent == request.id) throw Error(EINVAL, "a layer cannot be its own parent");
+  // The parent's key too (create marks it committed, and it must not be removed half-way).
+  // Keys are taken in one global order so two creates naming each other cannot deadlock.
+  sync::KeyedMutex::Guard first, second;
+  if (request.parent.empty()) {
+    first = co_await d.locks.lock(request.id);
+  } else {
+    const bool child_first = request.id < request.parent;
+    first = co_await d.locks.lock(child_first ? request.id : request.parent);
+    second = co_await d.locks.lock(child_first ? request.parent : request.id);
+  }
+  (void)co_await d.store->create(request.id, request.parent);
+  d.catalog[request.id] = request.parent;
 }
-core::Task<std::uint64_t> Driver::diff_size(std::string, std::string) {
-  unavailable("DiffSize");
-  co_return 0;
+
+core::Task<void> Driver::remove(std::string id) {
+  Impl& d = *impl_;
+  d.require_started();
+  store::validate_id(id);
+  auto guard = co_await d.locks.lock(id);
+  auto it = d.mounts.find(id);
+  if (it != d.mounts.end()) {
+    if (it->second.mounted) {
+      d.emit("unmount", id, "removed while mounted (refcount " +
+                                std::to_string(it->second.refcount) + "): unmounting first");
+      co_await d.unmount(id, it->second);
+    }
+    d.mounts.erase(id);
+    co_await d.save_runtime(id);
+  }
+  co_await d.store->remove(id);
+  d.catalog.erase(id);
 }
-std::vector<LayerInfo> Driver::layers() const { return {}; }
+
+core::Task<std::string> Driver::get(std::string id, std::string mount_label) {
+  Impl& d = *impl_;
+  d.require_started();
+  store::validate_id(id);
+  auto guard = co_await d.locks.lock(id);
+  store::LayerRecord record = co_await d.load_existing(id);
+  // A layer without lowers has nothing to mount: its diff is the whole tree.
+  if (record.lowers.empty()) co_return d.diff_dir(id);
+
+  MountRuntime& state = d.mounts[id];
+  if (state.mounted) {
+    ++state.refcount;
+    co_await d.save_runtime(id);
+    co_return d.merged_dir(id);
+  }
+  std::exception_ptr failure;
+  try {
+    co_await d.mount(id, record, mount_label);
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  if (failure) {
+    auto again = d.mounts.find(id);
+    if (again != d.mounts.end() && !again->second.mounted && again->second.refcount <= 0) {
+      d.mounts.erase(again);
+      // The mountpoint made for this attempt (a failed spawn leaves it behind).
+      (void)co_await core::unlinkat(AT_FDCWD, d.merged_dir(id).c_str(), AT_REMOVEDIR);
+    }
+    std::rethrow_exception(failure);
+  }
+  MountRuntime& mounted = d.mounts[id];
+  ++mounted.refcount;
+  co_await d.save_runtime(id);
+  co_return d.merged_dir(id);
+}
+
+core::Task<void> Driver::put(std::string id) {
+  Impl& d = *impl_;
+  d.require_started();
+  store::validate_id(id);
+  auto guard = co_await d.locks.lock(id);
+  store::LayerRecord record = co_await d.load_existing(id);
+  if (record.lowers.empty()) co_return;
+  auto it = d.mounts.find(id);
+  // An extra Put is harmless, as in the seed.
+  if (it == d.mounts.end()) co_return;
+  MountRuntime& state = it->second;
+  if (state.refcount > 0) --state.refcount;
+  if (state.refcount > 0) {
+    co_await d.save_runtime(id);
+    co_return;
+  }
+  if (state.mounted) co_await d.unmount(id, state);
+  d.mounts.erase(id);
+  co_await d.save_runtime(id);
+}
+
+core::Task<bool> Driver::exists(std::string id) {
+  Impl& d = *impl_;
+  d.require_started();
+  try {
+    store::validate_id(id);
+  } catch (const Error&) {
+    co_return false;  // an id that cannot name a layer names none
+  }
+  co_return co_await d.store->exists(id);
+}
+
+core::Task<std::map<std::string, std::string>> Driver::metadata(std::string id) {
+  Impl& d = *impl_;
+  d.require_started();
+  store::validate_id(id);
+  auto guard = co_await d.locks.lock(id);
+  store::LayerRecord record = co_await d.load_existing(id);
+  const std::string dir = d.layer_dir(id);
+  std::map<std::string, std::string> meta{
+      {"WorkDir", dir + "/work"}, {"MergedDir", dir + "/merged"}, {"UpperDir", dir + "/diff"}};
+  // LowerDir: each lower's link resolved to its absolute diff directory, as the seed reports it.
+  std::string lower_dirs;
+  for (const std::string& lower : record.lowers) {
+    char target[PATH_MAX];
+    const std::string link = d.home + "/" + lower;
+    ssize_t n = ::readlink(link.c_str(), target, sizeof target - 1);
+    if (n < 0) throw Error(errno, "layer " + id + ": reading the lower link " + link);
+    target[n] = '\0';
+    std::string resolved = d.home + "/l/" + target;
+    // "HOME/l/../ID/diff" -> "HOME/ID/diff"
+    const std::string up = d.home + "/l/../";
+    if (resolved.compare(0, up.size(), up) == 0) resolved = d.home + "/" + resolved.substr(up.size());
+    if (!lower_dirs.empty()) lower_dirs += ':';
+    lower_dirs += resolved;
+  }
+  if (!lower_dirs.empty()) meta["LowerDir"] = lower_dirs;
+  co_return meta;
+}
+
+core::Task<std::vector<std::pair<std::string, std::string>>> Driver::status() {
+  Impl& d = *impl_;
+  d.require_started();
+  struct statfs fs {};
+  std::string backing = "unknown";
+  if (::statfs(d.home.c_str(), &fs) == 0) backing = filesystem_name(fs.f_type);
+  std::size_t failed = 0;
+  for (const auto& [id, state] : d.mounts) failed += state.failed ? 1 : 0;
+  co_return std::vector<std::pair<std::string, std::string>>{
+      {"Home", d.home},
+      {"Backing Filesystem", backing},
+      {"Layers", std::to_string(d.catalog.size())},
+      {"Active Mounts", std::to_string(active_mounts())},
+      {"Failed Mounts", std::to_string(failed)},
+      {"fuse-overlayfs", d.fuse_overlayfs_version},
+  };
+}
+
+core::Task<void> Driver::cleanup() {
+  Impl& d = *impl_;
+  d.require_started();
+  // By default mounts stay up for the next user (a restarting dockerd keeps its containers'
+  // rootfs); --unmount-on-exit makes Cleanup unmount everything, as the seed's does.
+  if (!d.config.unmount_on_exit) co_return;
+  std::vector<std::string> ids;
+  for (const auto& [id, state] : d.mounts) ids.push_back(id);
+  for (const std::string& id : ids) {
+    auto guard = co_await d.locks.lock(id);
+    auto it = d.mounts.find(id);
+    if (it == d.mounts.end()) continue;
+    if (it->second.mounted) co_await d.unmount(id, it->second);
+    d.mounts.erase(id);
+    co_await d.save_runtime(id);
+  }
+}
+
+
+// --- diffs -----------------------------------------------------------------------------------------
+
+core::Task<bool> Driver::Impl::is_direct_parent(const store::LayerRecord& record,
+                                                const std::string& parent) {
+  if (parent.empty()) co_return record.lowers.empty();
+  if (record.lowers.empty()) co_return false;
+  if (!store::is_valid_id(parent) || !co_await store->exists(parent)) co_return false;
+  store::LayerRecord parent_record = co_await store->load(parent);
+  co_return record.lowers.front() == std::string(store::kLinkDirName) + "/" + parent_record.link_id;
+}
+
+core::Task<sys::UniqueFd> Driver::Impl::open_dir(const std::string& path) {
+  int fd = co_await core::openat(AT_FDCWD, path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
+  if (fd < 0) throw Error(fd, "opening " + path);
+  co_return sys::UniqueFd(fd);
+}
+
+core::Task<std::vector<sys::UniqueFd>> Driver::Impl::open_lowers(const store::LayerRecord& record) {
+  std::vector<sys::UniqueFd> fds;
+  for (const std::string& path : store->lower_paths(record)) fds.push_back(co_await open_dir(path));
+  co_return fds;
+}
+
+namespace {
+
+std::vector<int> raw_fds(const std::vector<sys::UniqueFd>& fds) {
+  std::vector<int> out;
+  for (const auto& fd : fds) out.push_back(fd.get());
+  return out;
+}
+
+// Sum of the regular-file sizes a change list carries, as moby's ChangesSize counts them
+// (hardlinked inodes once).
+std::uint64_t changes_size(const std::string& root, const std::vector<Change>& changes) {
+  std::uint64_t size = 0;
+  std::set<std::pair<dev_t, ino_t>> seen;
+  for (const Change& change : changes) {
+    if (change.kind == Change::kDeleted) continue;
+    struct stat st {};
+    if (::lstat((root + change.path).c_str(), &st) != 0) continue;
+    if (!S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode)) continue;
+    if (st.st_nlink > 1 && !seen.insert({st.st_dev, st.st_ino}).second) continue;
+    size += static_cast<std::uint64_t>(st.st_size);
+  }
+  return size;
+}
+
+}  // namespace
+
+// The seed's naive path, for a parent that is not the direct one: both trees mounted and
+// compared in full. Get/Put take the layers' locks themselves.
+
+core::Task<std::uint64_t> Driver::apply_diff(std::string id, std::string parent,
+                                             archive::ByteSource& tar) {
+  Impl& d = *impl_;
+  d.require_started();
+  store::validate_id(id);
+  auto guard = co_await d.locks.lock(id);
+  store::LayerRecord record = co_await d.load_existing(id);
+  if (!co_await d.is_direct_parent(record, parent))
+    throw Error(EINVAL, "ApplyDiff of layer " + id + ": \"" + parent +
+                            "\" is not its parent; layerd applies a diff only onto its direct "
+                            "parent");
+  auto mounted = d.mounts.find(id);
+  if (mounted != d.mounts.end() && mounted->second.mounted)
+    throw Error(EBUSY, "ApplyDiff of layer " + id + ": the layer is mounted");
+  const bool empty = co_await core::offload([dir = d.diff_dir(id)] {
+    std::error_code ec;
+    return std::filesystem::is_empty(dir, ec) && !ec;
+  });
+  if (!empty)
+    throw Error(EEXIST, "ApplyDiff of layer " + id +
+                            ": the layer already has content; a diff is applied to a fresh layer");
+
+  archive::ApplyOptions options;
+  for (const IdMap& m : d.init_request.uid_maps)
+    options.uid_maps.push_back({m.container_id, m.host_id, m.size});
+  for (const IdMap& m : d.init_request.gid_maps)
+    options.gid_maps.push_back({m.container_id, m.host_id, m.size});
+  options.max_entries = d.config.apply_max_entries;
+  options.max_bytes = d.config.apply_max_bytes;
+  // Device nodes need CAP_MKNOD: skipped in a user namespace (rootless), as Docker does.
+  options.allow_device_nodes = d.config.allow_device_nodes;
+
+  const std::string staging = co_await d.store->make_staging_dir(id);
+  std::string error;
+  int error_code = EIO;
+  archive::ApplyResult result;
+  try {
+    sys::UniqueFd target = co_await d.open_dir(staging);
+    result = co_await archive::apply_tar(tar, target.get(), options);
+  } catch (const Error& e) {
+    error = e.what();
+    error_code = e.errno_value();
+  }
+  if (!error.empty()) {
+    co_await d.store->discard_staging_dir(staging);
+    throw Error(error_code, "ApplyDiff of layer " + id + ": " + error);
+  }
+  co_await d.store->replace_diff(id, staging);
+  d.emit("apply", id, std::to_string(result.bytes_applied) + " bytes");
+  co_return result.bytes_applied;
+}
+
+core::Task<void> Driver::diff(std::string id, std::string parent, archive::ByteSink& tar) {
+  Impl& d = *impl_;
+  d.require_started();
+  store::validate_id(id);
+  store::LayerRecord record;
+  bool direct;
+  {
+    auto guard = co_await d.locks.lock(id);
+    record = co_await d.load_existing(id);
+    direct = co_await d.is_direct_parent(record, parent);
+  }
+  if (direct) {
+    // Only the upper directory: what changed in this layer, whatever its size underneath.
+    sys::UniqueFd upper = co_await d.open_dir(d.diff_dir(id));
+    co_await archive::export_diff(upper.get(), tar);
+    co_return;
+  }
+  auto [top, base] = co_await naive_mount(id, parent);
+  std::exception_ptr failure;
+  try {
+    sys::UniqueFd top_fd = co_await d.open_dir(top);
+    sys::UniqueFd base_fd;
+    if (!base.empty()) base_fd = co_await d.open_dir(base);
+    std::vector<Change> changes = co_await archive::compare_trees(top_fd.get(), base_fd.get());
+    co_await archive::export_changes(top_fd.get(), changes, tar);
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  co_await naive_release(id, parent);
+  if (failure) std::rethrow_exception(failure);
+}
+
+core::Task<std::vector<Change>> Driver::changes(std::string id, std::string parent) {
+  Impl& d = *impl_;
+  d.require_started();
+  store::validate_id(id);
+  std::optional<std::vector<Change>> native;
+  {
+    auto guard = co_await d.locks.lock(id);
+    store::LayerRecord record = co_await d.load_existing(id);
+    if (co_await d.is_direct_parent(record, parent)) {
+      sys::UniqueFd upper = co_await d.open_dir(d.diff_dir(id));
+      std::vector<sys::UniqueFd> lowers = co_await d.open_lowers(record);
+      native = co_await archive::upper_changes(upper.get(), raw_fds(lowers));
+    }
+  }
+  if (native) co_return std::move(*native);
+  auto [top, base] = co_await naive_mount(id, parent);
+  std::exception_ptr failure;
+  std::vector<Change> result;
+  try {
+    sys::UniqueFd top_fd = co_await d.open_dir(top);
+    sys::UniqueFd base_fd;
+    if (!base.empty()) base_fd = co_await d.open_dir(base);
+    result = co_await archive::compare_trees(top_fd.get(), base_fd.get());
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  co_await naive_release(id, parent);
+  if (failure) std::rethrow_exception(failure);
+  co_return result;
+}
+
+core::Task<std::uint64_t> Driver::diff_size(std::string id, std::string parent) {
+  Impl& d = *impl_;
+  d.require_started();
+  store::validate_id(id);
+  {
+    auto guard = co_await d.locks.lock(id);
+    store::LayerRecord record = co_await d.load_existing(id);
+    if (co_await d.is_direct_parent(record, parent)) {
+      sys::UniqueFd upper = co_await d.open_dir(d.diff_dir(id));
+      co_return co_await archive::upper_diff_size(upper.get());
+    }
+  }
+  auto [top, base] = co_await naive_mount(id, parent);
+  std::exception_ptr failure;
+  std::uint64_t size = 0;
+  try {
+    sys::UniqueFd top_fd = co_await d.open_dir(top);
+    sys::UniqueFd base_fd;
+    if (!base.empty()) base_fd = co_await d.open_dir(base);
+    std::vector<Change> changes = co_await archive::compare_trees(top_fd.get(), base_fd.get());
+    size = co_await core::offload([&top, &changes] { return changes_size(top, changes); });
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  co_await naive_release(id, parent);
+  if (failure) std::rethrow_exception(failure);
+  co_return size;
+}
+
+// Mounts the layer and the given parent for a full comparison (the seed's naive diff).
+core::Task<std::pair<std::string, std::string>> Driver::naive_mount(const std::string& id,
+                                                                    const std::string& parent) {
+  std::string top = co_await get(id, "");
+  std::string base;
+  if (!parent.empty()) {
+    std::exception_ptr failure;
+    try {
+      base = co_await get(parent, "");
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    if (failure) {
+      co_await put(id);
+      std::rethrow_exception(failure);
+    }
+  }
+  co_return std::pair{top, base};
+}
+
+core::Task<void> Driver::naive_release(const std::string& id, const std::string& parent) {
+  co_await put(id);
+  if (!parent.empty()) co_await put(parent);
+}
+
+std::vector<LayerInfo> Driver::layers() const {
+  const Impl& d = *impl_;
+  std::vector<LayerInfo> out;
+  auto describe = [&d](const std::string& id, const std::string& parent) {
+    LayerInfo info;
+    info.id = id;
+    info.parent = parent;
+    auto it = d.mounts.find(id);
+    if (it == d.mounts.end()) {
+      info.state = "unmounted";
+      return info;
+    }
+    const MountRuntime& state = it->second;
+    info.mounted = state.mounted;
+    info.refcount = state.refcount;
+    info.server_pid = state.server && !state.server->exited ? state.server->child.pid() : 0;
+    info.state = state.failed ? "failed" : state.mounted ? "mounted" : "unmounted";
+    info.last_error = state.last_error;
+    return info;
+  };
+  for (const auto& [id, parent] : d.catalog) out.push_back(describe(id, parent));
+  // Mount state of a layer the catalog does not know (removed behind layerd's back).
+  for (const auto& [id, state] : d.mounts)
+    if (!d.catalog.count(id)) out.push_back(describe(id, ""));
+  std::sort(out.begin(), out.end(),
+            [](const LayerInfo& a, const LayerInfo& b) { return a.id < b.id; });
+  return out;
+}
+
 const DriverMetrics& Driver::metrics() const noexcept { return impl_->metrics; }
-std::size_t Driver::active_mounts() const noexcept { return 0; }
-const std::string& Driver::home() const noexcept { return impl_->config.default_home; }
-std::uint64_t Driver::subscribe(EventHandler) { return 0; }
-void Driver::unsubscribe(std::uint64_t) {}
+
+std::size_t Driver::active_mounts() const noexcept {
+  std::size_t n = 0;
+  for (const auto& [id, state] : impl_->mounts) n += state.mounted ? 1 : 0;
+  return n;
+}
+
+const std::string& Driver::home() const noexcept {
+  return impl_->home.empty() ? impl_->config.default_home : impl_->home;
+}
+
+std::uint64_t Driver::subscribe(EventHandler handler) {
+  std::uint64_t id = impl_->next_subscription++;
+  impl_->subscribers.emplace(id, std::move(handler));
+  return id;
+}
+
+void Driver::unsubscribe(std::uint64_t subscription) { impl_->subscribers.erase(subscription); }
 
 }  // namespace layerd::driver

@@ -74,6 +74,10 @@ struct DriverConfig {
   std::chrono::milliseconds mount_timeout{30'000};
   HealPolicy heal_policy = HealPolicy::kRemount;
   bool unmount_on_exit = false;
+  // ApplyDiff limits and policy (see archive::ApplyOptions).
+  std::uint64_t apply_max_entries = 10'000'000;
+  std::uint64_t apply_max_bytes = 1ULL << 40;
+  bool allow_device_nodes = true;
 };
 
 struct DriverMetrics {
@@ -95,6 +99,10 @@ class Driver {
 
   // Reconciles with the run directory and the mount table (adopts live mounts, cleans leftovers).
   core::Task<void> start();
+  // Stops background work (watchers, supervisors) and waits for it, at most `deadline` before
+  // giving up waiting politely. With unmount_on_exit, unmounts every layer first. FUSE servers
+  // otherwise keep running for the next layerd.
+  core::Task<void> shutdown(std::chrono::milliseconds deadline = std::chrono::seconds(5));
 
   core::Task<void> init(InitRequest request);
   core::Task<void> create(CreateRequest request);
@@ -124,6 +132,9 @@ class Driver {
   void unsubscribe(std::uint64_t subscription);
 
  private:
+  core::Task<std::pair<std::string, std::string>> naive_mount(const std::string& id,
+                                                              const std::string& parent);
+  core::Task<void> naive_release(const std::string& id, const std::string& parent);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

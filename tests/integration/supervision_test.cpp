@@ -1,0 +1,310 @@
+// Supervision with real mounts and real signals: dead FUSE servers healed, unmounts behind
+// layerd's back noticed, restarts adopting mounts, and a seeded random model check.
+#include <signal.h>
+#include <sys/mount.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "layerd/core/loop.hpp"
+#include "layerd/core/ops.hpp"
+#include "layerd/driver/driver.hpp"
+#include "layerd/sys/error.hpp"
+#include "test_support.hpp"
+
+namespace fs = std::filesystem;
+using namespace layerd;
+using namespace std::chrono_literals;
+using driver::CreateRequest;
+using driver::Driver;
+using test::read_file;
+using test::write_file;
+
+namespace {
+
+core::Task<void> sleep_for(std::chrono::milliseconds d) { (void)co_await core::sleep(d); }
+
+class SupervisionTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (auto reason = test::fuse_unavailable_reason()) GTEST_SKIP() << *reason;
+    dir_ = test::make_temp_dir("layerd-supervision");
+    home_ = dir_ + "/home";
+    loop_ = std::make_unique<core::Loop>();
+    start();
+  }
+
+  void TearDown() override {
+    if (!loop_) return;
+    if (driver_) {
+      for (const auto& layer : driver_->layers())
+        for (int i = 0; i < layer.refcount; ++i) run(driver_->put(layer.id));
+      run(driver_->shutdown());
+      driver_.reset();
+    }
+    EXPECT_EQ(test::mounts_under(dir_), std::vector<std::string>{});
+    EXPECT_EQ(test::fuse_servers_in(home_), 0u);
+    for (const auto& m : test::mounts_under(dir_)) (void)::umount2(m.c_str(), MNT_DETACH);
+    loop_.reset();
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+
+  void start(driver::HealPolicy policy = driver::HealPolicy::kRemount) {
+    driver::DriverConfig c;
+    c.default_home = home_;
+    c.run_dir = dir_ + "/run";
+    c.heal_policy = policy;
+    driver_ = std::make_unique<Driver>(c);
+    driver_->subscribe([this](const driver::Event& e) { events_.push_back(e.type + " " + e.layer); });
+    run(driver_->start());
+  }
+
+  void restart(driver::HealPolicy policy = driver::HealPolicy::kRemount) {
+    run(driver_->shutdown());
+    driver_.reset();
+    start(policy);
+  }
+
+  template <typename T>
+  T run(core::Task<T> task) {
+    return loop_->block_on(std::move(task));
+  }
+
+  const driver::LayerInfo* info(const std::string& id) {
+    layers_ = driver_->layers();
+    for (const auto& l : layers_)
+      if (l.id == id) return &l;
+    return nullptr;
+  }
+
+  // Runs the loop until `condition` holds (or ~5 s pass).
+  bool wait_until(const std::function<bool()>& condition) {
+    for (int i = 0; i < 1000; ++i) {
+      if (condition()) return true;
+      run(sleep_for(5ms));
+    }
+    return condition();
+  }
+
+  void make_pair(const std::string& id) {
+    if (!run(driver_->exists("base"))) {
+      run(driver_->create(CreateRequest{"base", "", "", {}, false}));
+      write_file(home_ + "/base/diff/file", "payload");
+    }
+    run(driver_->create(CreateRequest{id, "base", "", {}, true}));
+  }
+
+  std::string dir_, home_;
+  std::unique_ptr<core::Loop> loop_;
+  std::unique_ptr<Driver> driver_;
+  std::vector<std::string> events_;
+  std::vector<driver::LayerInfo> layers_;
+};
+
+TEST_F(SupervisionTest, KilledServerHealsOneHundredTimes) {
+  make_pair("rw");
+  const std::string merged = run(driver_->get("rw", ""));
+  std::vector<double> heal_ms;
+  for (int round = 0; round < 100; ++round) {
+    const pid_t pid = info("rw")->server_pid;
+    ASSERT_GT(pid, 0);
+    const auto killed_at = std::chrono::steady_clock::now();
+    ASSERT_EQ(::kill(pid, SIGKILL), 0);
+    ASSERT_TRUE(wait_until([&] {
+      const auto* l = info("rw");
+      return l && l->mounted && l->server_pid != pid && l->server_pid != 0;
+    })) << "round " << round;
+    ASSERT_EQ(read_file(merged + "/file"), "payload") << "round " << round;
+    heal_ms.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - killed_at)
+            .count());
+    EXPECT_FALSE(test::process_exists(pid));
+    EXPECT_EQ(test::mounts_under(home_).size(), 1u);
+  }
+  EXPECT_EQ(info("rw")->refcount, 1);
+  EXPECT_GE(driver_->metrics().remounts, 100u);
+  std::sort(heal_ms.begin(), heal_ms.end());
+  std::printf("kill -9 to readable remount: p50 %.2f ms, p99 %.2f ms, max %.2f ms (100 rounds)\n",
+              heal_ms[49], heal_ms[98], heal_ms[99]);
+  run(driver_->put("rw"));
+}
+
+TEST_F(SupervisionTest, FailPolicyMarksFailedAndTheNextGetMounts) {
+  restart(driver::HealPolicy::kMarkFailed);
+  make_pair("rw");
+  const std::string merged = run(driver_->get("rw", ""));
+  const pid_t pid = info("rw")->server_pid;
+  ASSERT_EQ(::kill(pid, SIGKILL), 0);
+  ASSERT_TRUE(wait_until([&] { return info("rw") && info("rw")->state == "failed"; }));
+  EXPECT_FALSE(info("rw")->mounted);
+  EXPECT_FALSE(info("rw")->last_error.empty());
+  EXPECT_FALSE(test::is_mounted(merged));  // the dead mount was detached: no ENOTCONN left
+  EXPECT_EQ(run(driver_->get("rw", "")), merged);
+  EXPECT_EQ(read_file(merged + "/file"), "payload");
+  EXPECT_EQ(info("rw")->refcount, 2);
+  run(driver_->put("rw"));
+  run(driver_->put("rw"));
+  EXPECT_FALSE(test::is_mounted(merged));
+}
+
+TEST_F(SupervisionTest, ExternalUnmountOfAHeldLayerIsRemounted) {
+  make_pair("rw");
+  const std::string merged = run(driver_->get("rw", ""));
+  ASSERT_EQ(::umount2(merged.c_str(), MNT_DETACH), 0);
+  ASSERT_TRUE(wait_until([&] {
+    return std::count(events_.begin(), events_.end(), "remount rw") == 1;
+  }));
+  EXPECT_EQ(read_file(merged + "/file"), "payload");
+  run(driver_->put("rw"));
+  EXPECT_FALSE(test::is_mounted(merged));
+}
+
+TEST_F(SupervisionTest, StoppedServerDoesNotHangTheLoop) {
+  make_pair("slow");
+  make_pair("other");
+  const std::string merged = run(driver_->get("slow", ""));
+  const pid_t pid = info("slow")->server_pid;
+  ASSERT_EQ(::kill(pid, SIGSTOP), 0);
+  // Other layers keep working while one server is frozen.
+  const auto started = std::chrono::steady_clock::now();
+  const std::string other = run(driver_->get("other", ""));
+  EXPECT_EQ(read_file(other + "/file"), "payload");
+  run(driver_->put("other"));
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 5s);
+  EXPECT_TRUE(info("slow")->mounted);
+  ASSERT_EQ(::kill(pid, SIGCONT), 0);
+  EXPECT_EQ(read_file(merged + "/file"), "payload");
+  EXPECT_EQ(info("slow")->server_pid, pid);
+  run(driver_->put("slow"));
+}
+
+TEST_F(SupervisionTest, RestartAdoptsLiveServersAndRemountsDeadOnes) {
+  make_pair("live");
+  make_pair("dead");
+  make_pair("unheld");
+  const std::string live = run(driver_->get("live", ""));
+  const std::string dead = run(driver_->get("dead", ""));
+  (void)run(driver_->get("dead", ""));
+  const pid_t live_pid = info("live")->server_pid;
+  const pid_t dead_pid = info("dead")->server_pid;
+  run(driver_->shutdown());
+  driver_.reset();
+  // While layerd is down: one server dies, and a stray mount appears under the home that no
+  // record explains (as if layerd crashed between mounting and recording).
+  ASSERT_EQ(::kill(dead_pid, SIGKILL), 0);
+  for (int i = 0; i < 200 && test::process_exists(dead_pid); ++i) ::usleep(5000);
+  fs::create_directories(home_ + "/unheld/merged");
+  ASSERT_EQ(::mount("tmpfs", (home_ + "/unheld/merged").c_str(), "tmpfs", 0, nullptr), 0);
+
+  start();
+  const auto* adopted = info("live");
+  ASSERT_NE(adopted, nullptr);
+  EXPECT_EQ(adopted->server_pid, live_pid);
+  EXPECT_EQ(adopted->refcount, 1);
+  const auto* healed = info("dead");
+  ASSERT_NE(healed, nullptr);
+  EXPECT_TRUE(healed->mounted);
+  EXPECT_NE(healed->server_pid, dead_pid);
+  EXPECT_EQ(healed->refcount, 2);
+  EXPECT_EQ(read_file(live + "/file"), "payload");
+  EXPECT_EQ(read_file(dead + "/file"), "payload");
+  EXPECT_FALSE(test::is_mounted(home_ + "/unheld/merged"));
+  // An adopted server is not our child: its death is still seen (pidfd poll) and healed.
+  ASSERT_EQ(::kill(live_pid, SIGKILL), 0);
+  ASSERT_TRUE(wait_until([&] {
+    const auto* l = info("live");
+    return l && l->mounted && l->server_pid != live_pid && l->server_pid != 0;
+  }));
+  EXPECT_EQ(read_file(live + "/file"), "payload");
+  run(driver_->put("live"));
+  run(driver_->put("dead"));
+  run(driver_->put("dead"));
+  EXPECT_EQ(test::mounts_under(home_).size(), 0u);
+}
+
+// A seeded random walk over Create/Get/Put/Remove/kill/restart on 50 layers, checked after
+// every step against a model: which layers exist, each refcount, what is mounted.
+TEST_F(SupervisionTest, RandomOperationsMatchTheModel) {
+  std::mt19937 rng(20261128);
+  constexpr int kLayers = 50;
+  constexpr int kSteps = 1500;
+  run(driver_->create(CreateRequest{"base", "", "", {}, false}));
+  write_file(home_ + "/base/diff/file", "payload");
+  std::map<std::string, int> model;  // existing layer -> refcount
+  auto name = [](int i) { return "L" + std::to_string(i); };
+  for (int step = 0; step < kSteps; ++step) {
+    const std::string id = name(static_cast<int>(rng() % kLayers));
+    const int action = static_cast<int>(rng() % 100);
+    const bool exists = model.count(id) > 0;
+    SCOPED_TRACE("step " + std::to_string(step) + " action " + std::to_string(action) + " " + id);
+    if (action < 20) {
+      if (exists) {
+        EXPECT_THROW(run(driver_->create(CreateRequest{id, "base", "", {}, true})), Error);
+      } else {
+        run(driver_->create(CreateRequest{id, "base", "", {}, true}));
+        model[id] = 0;
+      }
+    } else if (action < 55) {
+      if (exists) {
+        const std::string dir = run(driver_->get(id, ""));
+        ASSERT_EQ(read_file(dir + "/file"), "payload");
+        ++model[id];
+      } else {
+        EXPECT_THROW(run(driver_->get(id, "")), Error);
+      }
+    } else if (action < 85) {
+      if (exists) {
+        run(driver_->put(id));
+        if (model[id] > 0) --model[id];
+      }
+    } else if (action < 93) {
+      if (exists) {
+        run(driver_->remove(id));
+        model.erase(id);
+      }
+    } else if (action < 98) {
+      if (exists && model[id] > 0) {
+        const pid_t pid = info(id)->server_pid;
+        ASSERT_GT(pid, 0);
+        ASSERT_EQ(::kill(pid, SIGKILL), 0);
+        ASSERT_TRUE(wait_until([&] {
+          const auto* l = info(id);
+          return l && l->mounted && l->server_pid != pid && l->server_pid != 0;
+        }));
+      }
+    } else {
+      restart();
+    }
+    // The model and the driver agree.
+    for (const auto& [layer, refs] : model) {
+      const auto* l = info(layer);
+      if (refs == 0) {
+        EXPECT_TRUE(l == nullptr || !l->mounted) << layer;
+      } else {
+        ASSERT_NE(l, nullptr) << layer;
+        EXPECT_EQ(l->refcount, refs) << layer;
+        EXPECT_TRUE(l->mounted) << layer;
+      }
+    }
+    std::size_t held = 0;
+    for (const auto& [layer, refs] : model) held += refs > 0 ? 1 : 0;
+    ASSERT_EQ(driver_->active_mounts(), held);
+    if (step % 100 == 0) ASSERT_EQ(test::mounts_under(home_).size(), held);
+  }
+  for (auto& [layer, refs] : model)
+    while (refs-- > 0) run(driver_->put(layer));
+  EXPECT_EQ(test::mounts_under(home_).size(), 0u);
+}
+
+}  // namespace

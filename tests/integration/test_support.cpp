@@ -1,0 +1,122 @@
+#include "test_support.hpp"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+
+#include "layerd/watch/watch.hpp"
+
+namespace fs = std::filesystem;
+
+namespace layerd::test {
+
+std::optional<std::string> fuse_unavailable_reason() {
+  if (::geteuid() != 0) return "needs root (mounts FUSE filesystems); run the suite as root";
+  if (::access("/dev/fuse", R_OK | W_OK) != 0) return "needs /dev/fuse";
+  if (std::system("command -v fuse-overlayfs >/dev/null 2>&1") != 0)
+    return "needs fuse-overlayfs (apt-get install fuse-overlayfs)";
+  return std::nullopt;
+}
+
+std::string make_temp_dir(const std::string& prefix) {
+  std::string pattern = (fs::temp_directory_path() / (prefix + "-XXXXXX")).string();
+  if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+  return pattern;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return "<cannot open " + path + ": " + std::strerror(errno) + ">";
+  std::ostringstream out;
+  out << in.rdbuf();
+  return out.str();
+}
+
+void write_file(const std::string& path, const std::string& content) {
+  fs::create_directories(fs::path(path).parent_path());
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << content;
+  if (!out) throw std::runtime_error("cannot write " + path);
+}
+
+std::vector<std::string> listing(const std::string& root) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  if (!fs::exists(fs::symlink_status(root, ec))) return out;
+  for (auto it = fs::recursive_directory_iterator(root, fs::directory_options::none, ec);
+       it != fs::recursive_directory_iterator(); it.increment(ec)) {
+    if (ec) break;
+    const auto status = it->symlink_status();
+    std::string type = fs::is_symlink(status) ? "link->" + fs::read_symlink(it->path()).string()
+                       : fs::is_directory(status) ? "dir"
+                                                  : "file";
+    std::string size = fs::is_regular_file(status) ? std::to_string(it->file_size()) : "-";
+    out.push_back(fs::relative(it->path(), root).string() + " " + type + " " + size);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::vector<std::string> mounts_under(const std::string& prefix) {
+  std::ifstream in("/proc/self/mountinfo");
+  std::stringstream text;
+  text << in.rdbuf();
+  std::vector<std::string> out;
+  for (const auto& entry : watch::parse_mountinfo(text.str())) {
+    const std::string& point = entry.mount_point;
+    if (point == prefix || point.rfind(prefix + "/", 0) == 0) out.push_back(point);
+  }
+  return out;
+}
+
+bool is_mounted(const std::string& mount_point) {
+  auto mounts = mounts_under(mount_point);
+  return std::find(mounts.begin(), mounts.end(), mount_point) != mounts.end();
+}
+
+std::size_t fuse_servers_in(const std::string& home) {
+  std::size_t count = 0;
+  std::error_code ec;
+  const std::string canonical = fs::weakly_canonical(home, ec).string();
+  for (const auto& entry : fs::directory_iterator("/proc", ec)) {
+    const std::string name = entry.path().filename().string();
+    if (!std::all_of(name.begin(), name.end(), ::isdigit)) continue;
+    std::ifstream comm(entry.path() / "comm");
+    std::string command;
+    std::getline(comm, command);
+    if (command != "fuse-overlayfs") continue;
+    // The mountpoint is its last argument: HOME/ID/merged.
+    std::ifstream cmdline_file(entry.path() / "cmdline");
+    std::string cmdline((std::istreambuf_iterator<char>(cmdline_file)),
+                        std::istreambuf_iterator<char>());
+    while (!cmdline.empty() && cmdline.back() == '\0') cmdline.pop_back();
+    const std::string target = cmdline.substr(cmdline.rfind('\0') + 1);
+    if ((target.rfind(canonical + "/", 0) == 0 || target.rfind(home + "/", 0) == 0) &&
+        process_exists(std::stoi(name)))
+      ++count;
+  }
+  return count;
+}
+
+bool process_exists(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  if (!stat) return false;
+  std::string line;
+  std::getline(stat, line);
+  auto close = line.rfind(')');
+  if (close == std::string::npos || close + 2 >= line.size()) return false;
+  return line[close + 2] != 'Z';
+}
+
+}  // namespace layerd::test
