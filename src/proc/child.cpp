@@ -323,6 +323,11 @@ Child Child::adopt(pid_t pid, long long expected_start_time) {
   if (start != expected_start_time)
     throw Error(ESRCH, "adopt: pid " + std::to_string(pid) +
                            " belongs to another process now (pid reused)");
+  // A zombie has exited: nothing to adopt (an own zombie is reaped as `child` goes).
+  std::string text;
+  std::vector<std::string_view> fields;
+  if (stat_fields(pid, text, fields) == 0 && !fields.empty() && fields[0] == "Z")
+    throw Error(ESRCH, "adopt: process " + std::to_string(pid) + " has exited");
   return child;
 }
 
