@@ -32,7 +32,7 @@ using namespace layerd;
 namespace {
 
 // Reads the tar file with ring reads, as the socket would deliver it.
-class FileSource final : public archive::ByteSource {
+class FileSource final : public layerd::archive::ByteSource {
  public:
   explicit FileSource(const std::string& path) : fd_(::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {
     if (!fd_) throw Error(errno, "open " + path);
@@ -147,7 +147,7 @@ int main(int argc, char** argv) {
   auto layerd_apply = [&](const std::string& tar, const std::string& target) {
     FileSource source(tar);
     sys::UniqueFd fd(::open(target.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    (void)loop.block_on(archive::apply_tar(source, fd.get(), {}));
+    (void)loop.block_on(layerd::archive::apply_tar(source, fd.get(), {}));
   };
   auto cleanup = [&](const std::string& target) { std::filesystem::remove_all(target); };
 

@@ -22,18 +22,18 @@ struct Fixture {
   std::string canary = tmp.sub("canary");
 };
 
-archive::ApplyResult apply_layer(const std::vector<std::byte>& tar, const std::string& target,
-                           const archive::ApplyOptions& options = {}, std::size_t chunk = 1 << 16) {
+layerd::archive::ApplyResult apply_layer(const std::vector<std::byte>& tar, const std::string& target,
+                           const layerd::archive::ApplyOptions& options = {}, std::size_t chunk = 1 << 16) {
   core::Loop loop;
   MemorySource source(tar, chunk);
   sys::UniqueFd fd(open_dir(target));
-  return loop.block_on(archive::apply_tar(source, fd.get(), options));
+  return loop.block_on(layerd::archive::apply_tar(source, fd.get(), options));
 }
 
 // Applies a hostile tar: must fail with a message naming `entry`, leave the canary beside the
 // target untouched, and leave in the target only `allowed` (paths relative to it).
 void expect_refused(const std::vector<std::byte>& tar, const std::string& entry,
-                    const std::set<std::string>& allowed = {}, const archive::ApplyOptions& options = {}) {
+                    const std::set<std::string>& allowed = {}, const layerd::archive::ApplyOptions& options = {}) {
   Fixture f;
   try {
     apply_layer(tar, f.target, options);
@@ -133,7 +133,7 @@ TEST(ApplyTar, OwnersModesXattrsAndIdMaps) {
                .xattrs = {{"user.note", "hello"}}});
   e.push_back({.name = "d/l", .type = AE_IFLNK, .perm = 0777, .link = "/nowhere", .uid = 9, .gid = 9});
   e.push_back({.name = "null", .type = AE_IFCHR, .perm = 0666, .rdev = makedev(1, 3)});
-  archive::ApplyOptions options;
+  layerd::archive::ApplyOptions options;
   options.uid_maps = {{0, 100000, 65536}};
   options.gid_maps = {{0, 200000, 65536}};
   apply_layer(make_tar(e), f.target, options);
@@ -155,7 +155,7 @@ TEST(ApplyTar, OwnersModesXattrsAndIdMaps) {
 }
 
 TEST(ApplyTar, UnmappedIdIsRefused) {
-  archive::ApplyOptions options;
+  layerd::archive::ApplyOptions options;
   options.uid_maps = {{0, 100000, 10}};
   expect_refused(make_tar({{.name = "f", .data = "x", .uid = 50}}), "'f'", {}, options);
 }
@@ -186,7 +186,7 @@ TEST(ApplyTar, HostileCorpus) {
                  "'h'", {"/d"});
   // Names too long.
   expect_refused(make_tar({{.name = std::string(300, 'n'), .data = "x"}}), std::string(300, 'n').substr(0, 100));
-  archive::ApplyOptions short_names;
+  layerd::archive::ApplyOptions short_names;
   short_names.max_name_length = 20;
   expect_refused(make_tar({{.name = "a/b/c/d/e/f/g/h/i/j/k/l", .data = "x"}}), "a/b/c/d", {}, short_names);
   // A parent that is a file.
@@ -239,11 +239,11 @@ TEST(ApplyTar, TruncatedAndCorruptInput) {
 }
 
 TEST(ApplyTar, Limits) {
-  archive::ApplyOptions few;
+  layerd::archive::ApplyOptions few;
   few.max_entries = 2;
   expect_refused(make_tar({{.name = "a", .data = "1"}, {.name = "b", .data = "2"}, {.name = "c", .data = "3"}}),
                  "'c'", {"/a", "/b"}, few);
-  archive::ApplyOptions small;
+  layerd::archive::ApplyOptions small;
   small.max_bytes = 1000;
   expect_refused(make_tar({{.name = "a", .data = std::string(600, 'a')}, {.name = "b", .data = std::string(600, 'b')}}),
                  "'b'", {"/a"}, small);
@@ -251,7 +251,7 @@ TEST(ApplyTar, Limits) {
 
 TEST(ApplyTar, DeviceNodesWithoutPermissionAreSkippedWhenAllowed) {
   Fixture f;
-  archive::ApplyOptions options;
+  layerd::archive::ApplyOptions options;
   options.allow_device_nodes = false;
   apply_layer(make_tar({{.name = "null", .type = AE_IFCHR, .perm = 0666, .rdev = makedev(1, 3)},
                   {.name = "f", .data = "x"}}),
@@ -316,8 +316,8 @@ core::Task<void> tick(Ticker* t) {
   }
 }
 
-core::Task<archive::ApplyResult> apply_then_stop(ByteSource* source, int fd, Ticker* t) {
-  auto r = co_await archive::apply_tar(*source, fd, {});
+core::Task<layerd::archive::ApplyResult> apply_then_stop(ByteSource* source, int fd, Ticker* t) {
+  auto r = co_await layerd::archive::apply_tar(*source, fd, {});
   t->stop = true;
   co_return r;
 }

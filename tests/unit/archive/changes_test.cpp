@@ -7,7 +7,7 @@
 
 using namespace archive_test;
 using namespace layerd;
-using archive::Change;
+using layerd::archive::Change;
 
 namespace {
 
@@ -112,13 +112,13 @@ TEST(Changes, ScriptedEditsNativeAndNaive) {
   core::Loop loop;
   sys::UniqueFd up(open_dir(upper)), lo(open_dir(lower)), me(open_dir(merged));
   std::vector<int> lowers{lo.get()};
-  auto native = loop.block_on(archive::upper_changes(up.get(), lowers));
+  auto native = loop.block_on(layerd::archive::upper_changes(up.get(), lowers));
   EXPECT_EQ(show(native), show(kExpected));
-  auto naive = loop.block_on(archive::compare_trees(me.get(), lo.get()));
+  auto naive = loop.block_on(layerd::archive::compare_trees(me.get(), lo.get()));
   EXPECT_EQ(show(naive), show(kExpected));
 
   // DiffSize: every non-directory in the upper dir (whiteouts are empty).
-  auto size = loop.block_on(archive::upper_diff_size(up.get()));
+  auto size = loop.block_on(layerd::archive::upper_diff_size(up.get()));
   EXPECT_EQ(size, 18u + 3u + 10u + 1u + 1u + 1u);
 }
 
@@ -141,7 +141,7 @@ TEST(Changes, LowerWhiteoutsAndOpaqueLayersAreHonoured) {
   core::Loop loop;
   sys::UniqueFd up(open_dir(upper)), m(open_dir(mid)), b(open_dir(base));
   std::vector<int> lowers{m.get(), b.get()};
-  auto native = loop.block_on(archive::upper_changes(up.get(), lowers));
+  auto native = loop.block_on(layerd::archive::upper_changes(up.get(), lowers));
   std::vector<Change> expected{{"/d", Change::kModified}, {"/d/b", Change::kDeleted}, {"/gone", Change::kAdded}};
   EXPECT_EQ(show(native), show(expected));
 }
@@ -154,7 +154,7 @@ TEST(Changes, CompareTreesWithoutParent) {
   file(root, "b", "y");
   core::Loop loop;
   sys::UniqueFd fd(open_dir(root));
-  auto changes = loop.block_on(archive::compare_trees(fd.get(), -1));
+  auto changes = loop.block_on(layerd::archive::compare_trees(fd.get(), -1));
   std::vector<Change> expected{{"/a", Change::kAdded}, {"/a/f", Change::kAdded}, {"/b", Change::kAdded}};
   EXPECT_EQ(show(changes), show(expected));
 }
@@ -168,7 +168,7 @@ TEST(Changes, MetadataOnlyChangeOfADirectory) {
   core::Loop loop;
   sys::UniqueFd up(open_dir(upper)), lo(open_dir(lower));
   std::vector<int> lowers{lo.get()};
-  auto native = loop.block_on(archive::upper_changes(up.get(), lowers));
+  auto native = loop.block_on(layerd::archive::upper_changes(up.get(), lowers));
   std::vector<Change> expected{{"/d", Change::kModified}};
   EXPECT_EQ(show(native), show(expected));
 }

@@ -13,16 +13,16 @@ using namespace layerd;
 
 namespace {
 
-archive::ApplyResult apply_layer(core::Loop& loop, const std::vector<std::byte>& tar, const std::string& target) {
+layerd::archive::ApplyResult apply_layer(core::Loop& loop, const std::vector<std::byte>& tar, const std::string& target) {
   MemorySource source(tar);
   sys::UniqueFd fd(open_dir(target));
-  return loop.block_on(archive::apply_tar(source, fd.get(), {}));
+  return loop.block_on(layerd::archive::apply_tar(source, fd.get(), {}));
 }
 
 std::vector<std::byte> export_dir(core::Loop& loop, const std::string& dir) {
   MemorySink sink;
   sys::UniqueFd fd(open_dir(dir));
-  loop.block_on(archive::export_diff(fd.get(), sink));
+  loop.block_on(layerd::archive::export_diff(fd.get(), sink));
   return sink.bytes;
 }
 
@@ -150,12 +150,12 @@ TEST(ExportChanges, WritesChangedPathsAndWhiteouts) {
   apply_layer(loop, make_tar({{.name = "etc/", .type = AE_IFDIR, .perm = 0755}, {.name = "etc/new", .data = "n"},
                         {.name = "etc/other", .data = "o"}}),
         root);
-  std::vector<archive::Change> changes{{"/etc/new", archive::Change::kAdded},
-                                       {"/etc", archive::Change::kModified},
-                                       {"/etc/old", archive::Change::kDeleted}};
+  std::vector<layerd::archive::Change> changes{{"/etc/new", layerd::archive::Change::kAdded},
+                                       {"/etc", layerd::archive::Change::kModified},
+                                       {"/etc/old", layerd::archive::Change::kDeleted}};
   MemorySink sink;
   sys::UniqueFd fd(open_dir(root));
-  loop.block_on(archive::export_changes(fd.get(), changes, sink));
+  loop.block_on(layerd::archive::export_changes(fd.get(), changes, sink));
   std::vector<std::string> expected{"d etc/", "f etc/new", "f etc/.wh.old"};
   EXPECT_EQ(list_tar(sink.bytes), expected);
 }
