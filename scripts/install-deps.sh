@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   liburing-dev libarchive-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libhttp-parser-dev
   libcli11-dev libuv1-dev libgtest-dev libgmock-dev libbenchmark-dev libsystemd-dev
-  meson ninja-build pkg-config g++
+  meson ninja-build pkg-config clang-16 libclang-rt-16-dev
   fuse-overlayfs fuse3 curl busybox-static libarchive-tools docker.io
 )
 

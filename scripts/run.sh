@@ -4,6 +4,8 @@
 # to layerd: scripts/run.sh --docker-plugin-socket --log-level debug
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# GCC 12 miscompiles coroutines (docs/compiler.md): build with clang-16.
+export CXX=${CXX:-clang++-16}
 
 bash scripts/install-deps.sh >&2
 if [ ! -f build-release/build.ninja ]; then

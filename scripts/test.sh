@@ -4,6 +4,8 @@
 # if anything failed; failing tests' logs are printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# GCC 12 miscompiles coroutines (docs/compiler.md): build with clang-16.
+export CXX=${CXX:-clang++-16}
 
 bash scripts/install-deps.sh || exit 1
 
