@@ -74,10 +74,23 @@ void add_item(int parent, const std::string& dir_rel, const detail::Node& n, Ino
   items.push_back(std::move(it));
 }
 
+// fuse-overlayfs 1.10 marks a directory it made opaque three ways at once: the opaque xattr, a
+// .wh..wh..opq file, and a 0/0 character device .wh..opq (whose AUFS form is .wh..wh..opq
+// again). Each is the same marker; the tar carries it once.
+bool is_opaque_marker(const detail::Node& n) {
+  return n.name == detail::kOpaqueMarker ||
+         (n.name == ".wh..opq" && detail::is_whiteout_device(n.st));
+}
+
 void walk_upper(int dirfd, const std::string& rel, bool skip_marker, InodeMap& inodes,
                 std::vector<Item>& items) {
+  // skip_marker: the marker was already written, right after the directory (opaque xattr).
+  bool marker_written = skip_marker;
   for (const detail::Node& n : detail::list_dir(dirfd, rel.empty() ? "/" : rel)) {
-    if (skip_marker && n.name == detail::kOpaqueMarker) continue;
+    if (is_opaque_marker(n)) {
+      if (marker_written) continue;
+      marker_written = true;
+    }
     add_item(dirfd, rel, n, inodes, items);
     if (!S_ISDIR(n.st.st_mode)) continue;
     std::string crel = detail::join_rel(rel, n.name);
