@@ -837,7 +837,13 @@ core::Task<sys::UniqueFd> Driver::Impl::open_dir(const std::string& path) {
 
 core::Task<std::vector<sys::UniqueFd>> Driver::Impl::open_lowers(const store::LayerRecord& record) {
   std::vector<sys::UniqueFd> fds;
-  for (const std::string& path : store->lower_paths(record)) fds.push_back(co_await open_dir(path));
+  // The lowers are HOME/l/LINK, layerd's own symlinks to ../ID/diff (the short names that keep
+  // fuse-overlayfs's lowerdir option short): followed here, unlike open_dir() does.
+  for (const std::string& path : store->lower_paths(record)) {
+    int fd = co_await core::openat(AT_FDCWD, path.c_str(), O_RDONLY | O_DIRECTORY);
+    if (fd < 0) throw Error(fd, "opening the lower directory " + path);
+    fds.emplace_back(fd);
+  }
   co_return fds;
 }
 
