@@ -128,7 +128,7 @@ void Loop::run_ready() {
   for (std::size_t n = ready_.size(); n > 0 && !ready_.empty(); --n) {
     auto handle = ready_.front();
     ready_.pop_front();
-    handle.resume();
+    detail::resume_and_drain(handle);
   }
 }
 

@@ -17,6 +17,41 @@ class Task;
 
 namespace detail {
 
+// Symmetric transfer (await_suspend returning the next handle) keeps the stack flat only when the
+// compiler turns the resumption into a tail call. Clang always does; GCC does with optimization
+// but not at -O0 nor under AddressSanitizer, where a loop of a million synchronously finishing
+// awaits overflows the stack. There the transfer goes through a trampoline instead: the next
+// handle is parked in `trampoline_next` and the loop's resume (resume_and_drain, used by
+// Loop::run_ready for every resumption) runs it after the current frame has returned.
+#if defined(__SANITIZE_ADDRESS__) || !defined(__OPTIMIZE__)
+#define LAYERD_TASK_TRAMPOLINE 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define LAYERD_TASK_TRAMPOLINE 1
+#endif
+#endif
+
+inline thread_local std::coroutine_handle<> trampoline_next;
+
+// The handle an await_suspend/final_suspend should return to transfer control to `next`.
+inline std::coroutine_handle<> transfer_to(std::coroutine_handle<> next) noexcept {
+#ifdef LAYERD_TASK_TRAMPOLINE
+  assert(!trampoline_next && "two transfers pending on one thread");
+  trampoline_next = next;
+  return std::noop_coroutine();
+#else
+  return next;
+#endif
+}
+
+// Resumes `handle`, then whatever transfers it parked. Always drains, whichever way this
+// translation unit was compiled, so translation units built with and without the trampoline
+// work together.
+inline void resume_and_drain(std::coroutine_handle<> handle) {
+  handle.resume();
+  while (trampoline_next) std::exchange(trampoline_next, nullptr).resume();
+}
+
 struct PromiseBase {
   std::coroutine_handle<> continuation = std::noop_coroutine();
   std::exception_ptr error;
@@ -25,7 +60,7 @@ struct PromiseBase {
     bool await_ready() const noexcept { return false; }
     template <typename Promise>
     std::coroutine_handle<> await_suspend(std::coroutine_handle<Promise> self) noexcept {
-      return self.promise().continuation;
+      return transfer_to(self.promise().continuation);
     }
     void await_resume() const noexcept {}
   };
@@ -103,7 +138,7 @@ class [[nodiscard]] Task {
     bool await_ready() const noexcept { return !handle || handle.done(); }
     std::coroutine_handle<> await_suspend(std::coroutine_handle<> awaiting) noexcept {
       handle.promise().continuation = awaiting;
-      return handle;
+      return detail::transfer_to(handle);
     }
     decltype(auto) await_resume() {
       assert(handle && "awaiting an empty Task");
