@@ -44,6 +44,9 @@ namespace layerd::archive {
 namespace {
 
 constexpr std::size_t kInputBuffer = 1 << 20;
+// Input buffers used in turn: a large file's blocks are written straight out of them while the
+// next one is being filled (see Decoder::pin).
+constexpr std::size_t kInputBuffers = 2;
 // Files up to this size are read whole on the fiber and written by a concurrent task.
 constexpr std::int64_t kSmallFile = 64 * 1024;
 constexpr std::size_t kBatchEntries = 128;
@@ -86,7 +89,9 @@ class Decoder {
  public:
   enum Command { kNextBatch, kNextBlock };
 
-  Decoder() : fiber_(&Decoder::fiber_entry, this), input_(kInputBuffer) {}
+  Decoder() : fiber_(&Decoder::fiber_entry, this) {
+    for (auto& buffer : inputs_) buffer.resize(kInputBuffer);
+  }
   ~Decoder() {
     // Unwind a suspended fiber: every further read callback fails, libarchive returns, the
     // fiber frees the archive and ends.
@@ -112,6 +117,28 @@ class Decoder {
     if (!error_.empty()) throw Error(error_errno_, error_);
   }
 
+  // Double buffering. libarchive hands out a block of an uncompressed stream as a pointer into
+  // the input buffer the read callback returned, and releases that buffer at its next callback.
+  // pin() marks the input buffer holding `data` as in use by a write still in flight (-1: the
+  // block is libarchive's own memory, valid only until the next decode, and cannot be pinned);
+  // run() does not refill a pinned buffer until unpin() released it. So a block is written
+  // while the next buffer is read.
+  int pin(const void* data, std::size_t size) noexcept {
+    auto* p = static_cast<const std::byte*>(data);
+    for (std::size_t i = 0; i < kInputBuffers; ++i) {
+      const std::byte* begin = inputs_[i].data();
+      if (p >= begin && p + size <= begin + inputs_[i].size()) {
+        ++pins_[i];
+        return static_cast<int>(i);
+      }
+    }
+    return -1;
+  }
+  void unpin(int buffer) noexcept {
+    if (--pins_[buffer] == 0 && pin_waiter_ && waiting_for_ == buffer)
+      core::Loop::current().post(std::exchange(pin_waiter_, {}));
+  }
+
  private:
   static void fiber_entry(void* self) { static_cast<Decoder*>(self)->fiber_main(); }
   static la_ssize_t read_callback(struct archive* a, void* self, const void** buf);
@@ -121,9 +148,24 @@ class Decoder {
   void decode_block();
   void set_error(const std::string& context);
 
+  struct Unpinned {
+    Decoder& self;
+    std::size_t buffer;
+    bool await_ready() const noexcept { return self.pins_[buffer] == 0; }
+    void await_suspend(std::coroutine_handle<> h) noexcept {
+      self.pin_waiter_ = h;
+      self.waiting_for_ = static_cast<int>(buffer);
+    }
+    void await_resume() const noexcept {}
+  };
+
   detail::Fiber fiber_;
   struct archive* archive_ = nullptr;
-  std::vector<std::byte> input_;
+  std::vector<std::byte> inputs_[kInputBuffers];
+  std::size_t pins_[kInputBuffers] = {};
+  std::size_t current_input_ = 0;  // the buffer libarchive holds
+  std::coroutine_handle<> pin_waiter_;
+  int waiting_for_ = -1;
   std::size_t input_size_ = 0;
   bool need_input_ = false;
   bool input_end_ = false;
@@ -144,7 +186,13 @@ core::Task<void> Decoder::run(Command command, ByteSource& source) {
     fiber_.resume();
     if (!need_input_) break;
     need_input_ = false;
-    input_size_ = co_await source.read(std::span<std::byte>(input_.data(), input_.size()));
+    // libarchive released the buffer it held when it asked for more: fill the next one, once
+    // the writes still using it are done.
+    const std::size_t next = (current_input_ + 1) % kInputBuffers;
+    co_await Unpinned{*this, next};
+    current_input_ = next;
+    std::vector<std::byte>& input = inputs_[next];
+    input_size_ = co_await source.read(std::span<std::byte>(input.data(), input.size()));
   }
 }
 
@@ -162,7 +210,7 @@ la_ssize_t Decoder::read_callback(struct archive* a, void* self_ptr, const void*
     self->input_end_ = true;
     return 0;
   }
-  *buf = self->input_.data();
+  *buf = self->inputs_[self->current_input_].data();
   return static_cast<la_ssize_t>(self->input_size_);
 }
 
@@ -413,6 +461,42 @@ class WriteClose {
   Part write_{this}, close_{this};
 };
 
+// The large-file writes of one file still in flight.
+struct BlockWrites {
+  std::size_t pending = 0;
+  int error = 0;  // the first failure (errno)
+  std::coroutine_handle<> waiter;
+};
+
+struct AllWritten {
+  BlockWrites& writes;
+  bool await_ready() const noexcept { return writes.pending == 0; }
+  void await_suspend(std::coroutine_handle<> h) noexcept { writes.waiter = h; }
+  void await_resume() const noexcept {}
+};
+
+// One block of a large file, written from a pinned input buffer. IOSQE_ASYNC: a buffered write
+// to a page-cache file would otherwise complete inline in the loop's submit, with no overlap.
+core::Task<void> write_block(BlockWrites* writes, Decoder* decoder, int pinned, int fd,
+                             const char* data, std::size_t size, std::int64_t offset) {
+  while (size > 0 && writes->error == 0) {
+    unsigned chunk = static_cast<unsigned>(std::min<std::size_t>(size, 1u << 30));
+    int n = co_await core::make_op([=](io_uring_sqe* sqe) {
+      io_uring_prep_write(sqe, fd, data, chunk, static_cast<std::uint64_t>(offset));
+      sqe->flags |= IOSQE_ASYNC;
+    });
+    if (n <= 0) {
+      writes->error = n < 0 ? -n : EIO;
+      break;
+    }
+    data += n;
+    size -= static_cast<std::size_t>(n);
+    offset += n;
+  }
+  decoder->unpin(pinned);
+  if (--writes->pending == 0 && writes->waiter) core::Loop::current().post(std::exchange(writes->waiter, {}));
+}
+
 class Applier {
  public:
   Applier(ByteSource& source, int root, const ApplyOptions& options)
@@ -652,27 +736,48 @@ core::Task<void> Applier::apply_file(Entry& e, const Path& p, Decoder& decoder) 
     }
   } cleanup{parent->fd.get(), p.base.c_str()};
   set_owner_mode(file.get(), m, e.name);
+  BlockWrites writes;
+  std::exception_ptr failure;
   std::int64_t end = 0;
-  for (;;) {
-    co_await decoder.run(Decoder::kNextBlock, source_);
-    decoder.throw_if_error();
-    if (decoder.block_end) break;
-    auto* data = static_cast<const char*>(decoder.block);
-    std::size_t left = decoder.block_size;
-    std::int64_t offset = decoder.block_offset;
-    if (offset < 0 || offset + static_cast<std::int64_t>(left) > e.size)
-      fail(e.name, EINVAL, "data beyond its declared size");
-    while (left > 0) {
-      unsigned chunk = static_cast<unsigned>(std::min<std::size_t>(left, 1u << 30));
-      int n = co_await core::write(file.get(), data, chunk, static_cast<std::uint64_t>(offset));
-      if (n < 0) fail(e.name, -n, "writing the data");
-      if (n == 0) fail(e.name, EIO, "short write");
-      data += n;
-      left -= static_cast<std::size_t>(n);
-      offset += n;
+  try {
+    for (;;) {
+      co_await decoder.run(Decoder::kNextBlock, source_);
+      decoder.throw_if_error();
+      if (decoder.block_end) break;
+      auto* data = static_cast<const char*>(decoder.block);
+      std::size_t size = decoder.block_size;
+      std::int64_t offset = decoder.block_offset;
+      if (offset < 0 || offset + static_cast<std::int64_t>(size) > e.size)
+        fail(e.name, EINVAL, "data beyond its declared size");
+      if (writes.error != 0) fail(e.name, writes.error, "writing the data");
+      end = std::max(end, offset + static_cast<std::int64_t>(size));
+      if (size == 0) continue;
+      int pinned = decoder.pin(data, size);
+      if (pinned >= 0) {
+        // The block lives in an input buffer that stays untouched until this write is done:
+        // write it on an io-wq worker while the loop reads and decodes the next buffer.
+        ++writes.pending;
+        scope_.spawn(write_block(&writes, &decoder, pinned, file.get(), data, size, offset));
+        continue;
+      }
+      // libarchive's own memory (a decompressed stream): valid only until the next decode.
+      while (size > 0) {
+        unsigned chunk = static_cast<unsigned>(std::min<std::size_t>(size, 1u << 30));
+        int n = co_await core::write(file.get(), data, chunk, static_cast<std::uint64_t>(offset));
+        if (n < 0) fail(e.name, -n, "writing the data");
+        if (n == 0) fail(e.name, EIO, "short write");
+        data += n;
+        size -= static_cast<std::size_t>(n);
+        offset += n;
+      }
     }
-    end = std::max(end, offset);
+  } catch (...) {
+    failure = std::current_exception();
   }
+  // Every write in flight uses the fd and an input buffer: both must outlive it.
+  co_await AllWritten{writes};
+  if (failure) std::rethrow_exception(failure);
+  if (writes.error != 0) fail(e.name, writes.error, "writing the data");
   // A sparse file ending in a hole.
   if (end < e.size && ::ftruncate(file.get(), e.size) != 0) fail(e.name, errno, "ftruncate");
   if (::futimens(file.get(), m.times) != 0) fail(e.name, errno, "futimens");
