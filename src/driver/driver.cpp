@@ -62,6 +62,15 @@ std::string filesystem_name(long magic) {
   }
 }
 
+// As Docker's userns.RunningInUserNS: the initial namespace maps all 2^32 ids onto themselves.
+bool running_in_user_namespace() {
+  std::string map;
+  if (sys::read_small_file(AT_FDCWD, "/proc/self/uid_map", map, 4096) < 0) return false;
+  unsigned long long inside = 0, outside = 0, count = 0;
+  if (std::sscanf(map.c_str(), "%llu %llu %llu", &inside, &outside, &count) != 3) return false;
+  return !(inside == 0 && outside == 0 && count == 4294967295ULL);
+}
+
 }  // namespace
 
 // A running fuse-overlayfs. Shared between the layer's mount state and the task that waits for
@@ -561,6 +570,9 @@ core::Task<void> Driver::start() {
   const std::string logs = d.config.run_dir + "/logs";
   res = co_await core::mkdirat(AT_FDCWD, logs.c_str(), 0700);
   if (res < 0 && res != -EEXIST) throw Error(res, "creating " + logs);
+  // Rootless (a user namespace): no CAP_MKNOD, so device entries of a layer are skipped as
+  // Docker skips them there.
+  if (running_in_user_namespace()) d.config.allow_device_nodes = false;
   co_await d.open_home(d.config.default_home);
   d.runtime = std::make_unique<RuntimeState>(d.config.run_dir);
   co_await d.runtime->open();
