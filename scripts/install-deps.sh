@@ -1,12 +1,14 @@
 #!/bin/bash
-# Installs every Debian package layerd needs to build, test and run. Idempotent: when all are
-# present it does nothing at all (no apt-get), so it is cheap to call before every build.
+# Installs every Debian package layerd needs to build, test and run (clang-16: GCC 12
+# miscompiles coroutines, see docs/compiler.md; libclang-rt-16-dev: its sanitizer runtimes).
+# Idempotent: when all are present it does nothing at all (no apt-get), so it is cheap to call
+# before every build.
 set -euo pipefail
 
 packages=(
   liburing-dev libarchive-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libhttp-parser-dev
   libcli11-dev libuv1-dev libgtest-dev libgmock-dev libbenchmark-dev libsystemd-dev
-  meson ninja-build pkg-config clang-16 libclang-rt-16-dev
+  meson ninja-build pkg-config clang-16 libclang-rt-16-dev python3
   fuse-overlayfs fuse3 curl busybox-static libarchive-tools docker.io
 )
 
