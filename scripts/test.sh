@@ -59,7 +59,7 @@ else
 fi
 
 echo "=== sanitizer build (-Dsanitize=true) and the unit suite"
-if build build-asan --buildtype=debug -Dsanitize=true -Dtools=false; then
+if build build-asan --buildtype=debugoptimized -Dsanitize=true -Dtools=false; then
   ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=1:detect_leaks=1} \
   UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1} \
     run_tests build-asan --suite unit

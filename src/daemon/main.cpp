@@ -143,7 +143,11 @@ core::Task<int> run_daemon(driver::Driver& driver, api::Server& server,
   notify("STOPPING=1");
   server.stop();
   (void)co_await scope.join();
-  co_return joined ? 0 : 2;
+  if (!joined) co_return 2;
+  // Background work (watchers, supervisors) stops; FUSE servers keep running for the next
+  // layerd unless --unmount-on-exit, which unmounts first and may take longer.
+  co_await driver.shutdown(std::chrono::milliseconds(300));
+  co_return 0;
 }
 
 }  // namespace

@@ -171,8 +171,9 @@ struct RunResult {
   ServerStats stats;
 };
 
-core::Task<void> serve_while(Server& server, std::function<void()>* client, bool settle,
-                             RunResult* out) {
+core::Task<void> serve_while(driver::Driver& driver, Server& server,
+                             std::function<void()>* client, bool settle, RunResult* out) {
+  co_await driver.start();
   core::Scope scope;
   scope.spawn(run_server(server, &out->joined));
   co_await core::offload([client] { (*client)(); });
@@ -185,6 +186,7 @@ core::Task<void> serve_while(Server& server, std::function<void()>* client, bool
   server.stop();
   (void)co_await scope.join();
   out->stats = server.stats();
+  co_await driver.shutdown(std::chrono::seconds(2));
 }
 
 class ServerTest : public ::testing::Test {
@@ -218,9 +220,11 @@ class ServerTest : public ::testing::Test {
     Server server(driver, config_);
     server.listen();
     RunResult result;
-    loop.block_on(serve_while(server, &client, settle, &result));
+    loop.block_on(serve_while(driver, server, &client, settle, &result));
     EXPECT_TRUE(result.joined);
-    if (settle) EXPECT_EQ(result.open_after_client, 0u) << "connections leaked";
+    if (settle) {
+      EXPECT_EQ(result.open_after_client, 0u) << "connections leaked";
+    }
     EXPECT_FALSE(std::filesystem::exists(socket_)) << "socket file left behind";
     return result;
   }
