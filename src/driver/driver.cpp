@@ -71,6 +71,30 @@ bool running_in_user_namespace() {
   return !(inside == 0 && outside == 0 && count == 4294967295ULL);
 }
 
+// fuse-overlayfs processes whose mountpoint (their last argument) lies under `prefix`, except
+// `known` ones. Blocking /proc walk: run on the offload pool.
+std::vector<pid_t> find_fuse_servers_under(const std::string& prefix,
+                                           const std::vector<pid_t>& known) {
+  std::vector<pid_t> found;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc", ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.empty() || !std::all_of(name.begin(), name.end(), ::isdigit)) continue;
+    const pid_t pid = static_cast<pid_t>(std::stol(name));
+    if (std::find(known.begin(), known.end(), pid) != known.end()) continue;
+    std::string comm;
+    if (sys::read_small_file(AT_FDCWD, (entry.path() / "comm").c_str(), comm, 256) < 0) continue;
+    if (comm != "fuse-overlayfs\n") continue;
+    std::string cmdline;
+    if (sys::read_small_file(AT_FDCWD, (entry.path() / "cmdline").c_str(), cmdline, 1 << 16) < 0)
+      continue;
+    while (!cmdline.empty() && cmdline.back() == '\0') cmdline.pop_back();
+    const std::string target = cmdline.substr(cmdline.rfind('\0') + 1);
+    if (target.rfind(prefix, 0) == 0) found.push_back(pid);
+  }
+  return found;
+}
+
 }  // namespace
 
 // A running fuse-overlayfs. Shared between the layer's mount state and the task that waits for
@@ -233,6 +257,9 @@ core::Task<void> Driver::Impl::mount(const std::string& id, const store::LayerRe
   }
   server->readiness = nullptr;
   slot.release();
+  // Killed right after its mount appeared: supervise() saw the exit before this layer had a
+  // state to heal, so the mount is dead and nobody would notice. Fail the mount instead.
+  if (mounted && server->exited) mounted = false;
 
   if (!mounted) {
     ++metrics.mount_failures;
@@ -251,6 +278,16 @@ core::Task<void> Driver::Impl::mount(const std::string& id, const store::LayerRe
       (void)co_await server->exit_event.wait(nullptr);
       reason = stop.cancelled() ? "layerd is shutting down"
                                 : "fuse-overlayfs did not mount within the timeout";
+    }
+    // The mount may have appeared before the server died: detach the dead mount, or it stays
+    // behind (ENOTCONN, untracked) and the mountpoint cannot be removed.
+    co_await table.refresh();
+    if (table.is_mounted(merged)) {
+      try {
+        co_await detach_dead_mount(id);
+      } catch (const Error&) {
+        // Reported below with the mount's own failure; the next Get retries the detach.
+      }
     }
     (void)co_await core::unlinkat(AT_FDCWD, merged.c_str(), AT_REMOVEDIR);
     emit("failure", id, "mount: " + reason);
@@ -501,6 +538,24 @@ core::Task<void> Driver::Impl::adopt_runtime_state() {
     } else {
       (void)co_await core::unlinkat(AT_FDCWD, merged.c_str(), AT_REMOVEDIR);
       co_await runtime->erase(home, record.id);
+    }
+  }
+  // FUSE servers serving a mountpoint under the home that no record explains: started by a
+  // layerd that died before it recorded them (some may not even have mounted yet, and would
+  // mount after this sweep). Nobody holds them: stop them first, then sweep their mounts.
+  std::vector<pid_t> adopted_pids;
+  for (const auto& [id, state] : mounts)
+    if (state.server) adopted_pids.push_back(state.server->child.pid());
+  std::vector<pid_t> strays = co_await core::offload(
+      [prefix = home + "/", adopted_pids] { return find_fuse_servers_under(prefix, adopted_pids); });
+  for (pid_t pid : strays) {
+    try {
+      proc::Child stray = proc::Child::adopt(pid);
+      (void)stray.signal(SIGKILL);
+      (void)co_await stray.wait(nullptr);
+      emit("server-exit", "", "stopped unrecorded fuse-overlayfs pid " + std::to_string(pid));
+    } catch (const Error&) {
+      // Already gone.
     }
   }
   // Mounts under the home that no record explains: leftovers of a crash before the record was
