@@ -561,8 +561,10 @@ core::Task<void> Driver::Impl::adopt_runtime_state() {
   // Mounts under the home that no record explains: leftovers of a crash before the record was
   // written. Nobody holds them.
   co_await table.refresh();
-  for (const watch::MountEntry* entry : table.under(home)) {
-    const std::string& point = entry->mount_point;
+  // Copied: the table's entries change (the watcher refreshes it) while this loop awaits.
+  std::vector<std::string> points;
+  for (const watch::MountEntry* entry : table.under(home)) points.push_back(entry->mount_point);
+  for (const std::string& point : points) {
     if (point.size() < 8 || point.compare(point.size() - 7, 7, "/merged") != 0) continue;
     std::string id = point.substr(home.size() + 1, point.size() - home.size() - 8);
     if (mounts.count(id)) continue;
