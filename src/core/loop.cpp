@@ -108,18 +108,22 @@ void Loop::submit(unsigned wait_for) {
 }
 
 void Loop::reap() {
-  unsigned head;
-  unsigned seen = 0;
-  io_uring_cqe* cqe;
-  io_uring_for_each_cqe(&ring_, head, cqe) {
-    ++seen;
-    if (cqe->user_data != kIgnoredCompletion) {
-      auto* completion = reinterpret_cast<Completion*>(static_cast<std::uintptr_t>(cqe->user_data));
-      completion->complete(cqe->res, cqe->flags);
+  // Each CQE is consumed (the head advanced) before its completion runs: a completion may take
+  // an SQE, taking one may submit, and a submit that finds the CQ backed up reaps again. That
+  // nested walk must start after this CQE, never hand it out twice.
+  while (io_uring_cq_ready(&ring_) > 0) {
+    io_uring_cqe* cqe = nullptr;
+    if (io_uring_peek_cqe(&ring_, &cqe) != 0 || cqe == nullptr) break;
+    const std::uint64_t user_data = cqe->user_data;
+    const int result = cqe->res;
+    const std::uint32_t flags = cqe->flags;
+    io_uring_cqe_seen(&ring_, cqe);
+    ++completions_reaped_;
+    if (user_data != kIgnoredCompletion) {
+      auto* completion = reinterpret_cast<Completion*>(static_cast<std::uintptr_t>(user_data));
+      completion->complete(result, flags);
     }
   }
-  io_uring_cq_advance(&ring_, seen);
-  completions_reaped_ += seen;
 }
 
 void Loop::run_ready() {
