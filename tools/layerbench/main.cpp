@@ -40,6 +40,8 @@ struct Options {
   // storm / apply
   int layers = 100;
   int depth = 2;
+  int image = 0;  // storm: N read-write layers on one image chain of this many layers
+  std::vector<std::string> control_ops{"Exists", "GetMetadata", "Status"};
   // churn / control
   double duration = 10;
   double rate = 200;
@@ -114,7 +116,13 @@ struct Report {
 
 // Mount storm: chains of depth D totalling N layers; Get all at once, read a file through each
 // mount, Put all, Remove all.
+void storm_on_image(Runner& runner, const Options& o, Report& report);
+
 void storm(Runner& runner, const Options& o, Report& report) {
+  if (o.image > 0) {
+    storm_on_image(runner, o, report);
+    return;
+  }
   int chains = (o.layers + o.depth - 1) / o.depth;
   auto id = [&](int c, int d) { return fmt::format("{}-c{}-d{}", o.prefix, c, d); };
   auto depth_of = [&](int c) { return std::min(o.depth, o.layers - c * o.depth); };
@@ -187,6 +195,59 @@ void storm(Runner& runner, const Options& o, Report& report) {
   report.phases.push_back(runner.run_phase(phase_of("remove", std::move(rm_seqs))));
 }
 
+// Mount storm as containers start: N read-write layers on one image of `image` layers, so every
+// mount has `image` lowers; Get all at once, read the image's file through each, Put all.
+void storm_on_image(Runner& runner, const Options& o, Report& report) {
+  auto img = [&](int d) { return fmt::format("{}-img{}", o.prefix, d); };
+  auto rw = [&](int i) { return fmt::format("{}-rw{}", o.prefix, i); };
+  report.params = {{"layers", o.layers}, {"image_depth", o.image}, {"connections", o.runner.connections}};
+  std::vector<Call> chain;
+  chain.push_back(plugin("Create", id_args(img(0))));
+  std::string base = img(0);
+  chain.push_back(plugin("Get", id_args(base), [base](const Outcome& r) {
+    if (r.ok) (void)write_marker(dir_of(r), base);
+  }));
+  chain.push_back(plugin("Put", id_args(base)));
+  for (int d = 1; d < o.image; ++d) chain.push_back(plugin("Create", id_args(img(d), img(d - 1))));
+  report.phases.push_back(runner.run_phase(phase_of("image", {sequence_of(std::move(chain))})));
+  std::vector<Sequence> creates;
+  for (int i = 0; i < o.layers; ++i)
+    creates.push_back(sequence_of({plugin("CreateReadWrite", id_args(rw(i), img(o.image - 1)))}));
+  report.phases.push_back(runner.run_phase(phase_of("create", std::move(creates))));
+
+  std::map<std::string, std::string> dirs;
+  std::vector<Sequence> gets;
+  for (int i = 0; i < o.layers; ++i) {
+    std::string layer = rw(i);
+    gets.push_back(sequence_of({plugin("Get", id_args(layer), [&dirs, layer](const Outcome& r) {
+      if (r.ok) dirs[layer] = dir_of(r);
+    })}));
+  }
+  report.phases.push_back(runner.run_phase(phase_of("get", std::move(gets))));
+  std::vector<std::function<std::string()>> reads;
+  for (const auto& [layer, dir] : dirs) {
+    std::string path = dir + "/" + kMarkerFile;
+    reads.push_back([path, base]() -> std::string {
+      std::ifstream f(path);
+      if (!f) return fmt::format("open: {}", std::strerror(errno));
+      std::stringstream ss;
+      ss << f.rdbuf();
+      return ss.str() == base ? std::string() : std::string("wrong content");
+    });
+  }
+  report.phases.push_back(runner.run_work("read", "read", std::move(reads)));
+  std::vector<Sequence> puts;
+  for (const auto& [layer, dir] : dirs) puts.push_back(sequence_of({plugin("Put", id_args(layer))}));
+  report.phases.push_back(runner.run_phase(phase_of("put", std::move(puts))));
+  if (o.keep) return;
+  std::vector<Sequence> removes;
+  for (int i = 0; i < o.layers; ++i) removes.push_back(sequence_of({plugin("Remove", id_args(rw(i)))}));
+  report.phases.push_back(runner.run_phase(phase_of("remove", std::move(removes))));
+  std::vector<Call> unchain;
+  for (int d = o.image - 1; d >= 0; --d) unchain.push_back(plugin("Remove", id_args(img(d))));
+  report.phases.push_back(runner.run_phase(phase_of("remove-image", {sequence_of(std::move(unchain))})));
+}
+
 // A base layer with the marker file, for churn and control.
 bool make_base(Runner& runner, const std::string& base, Report& report) {
   PhaseResult r = runner.run_phase(phase_of(
@@ -244,6 +305,7 @@ void control(Runner& runner, const Options& o, Report& report) {
   auto started = std::make_shared<int>(0);
   int connections = o.runner.connections;
   std::uint64_t budget = o.requests;
+  std::vector<std::string> ops = o.control_ops;
   PhaseSpec spec;
   spec.name = "control";
   spec.next = [=]() -> std::optional<Sequence> {
@@ -251,11 +313,8 @@ void control(Runner& runner, const Options& o, Report& report) {
     ++*started;
     return Sequence([=]() -> std::optional<Call> {
       if (budget > 0 ? *issued >= budget : now_seconds() >= deadline) return std::nullopt;
-      switch ((*issued)++ % 3) {
-        case 0: return plugin("Exists", id_args(target));
-        case 1: return plugin("GetMetadata", id_args(target));
-        default: return plugin("Status", json::object());
-      }
+      const std::string& op = ops[(*issued)++ % ops.size()];
+      return plugin(op, op == "Status" ? json::object() : id_args(target));
     });
   };
   report.phases.push_back(runner.run_phase(spec));
@@ -442,6 +501,9 @@ int main(int argc, char** argv) {
   auto* storm_cmd = app.add_subcommand("storm", "mount storm: create N layers in chains of depth D, Get all at once, read a file through each, Put all, Remove all");
   storm_cmd->add_option("-n,--layers", o.layers, "layers")->capture_default_str()->check(CLI::PositiveNumber);
   storm_cmd->add_option("-d,--depth", o.depth, "chain depth")->capture_default_str()->check(CLI::Range(1, 128));
+  storm_cmd->add_option("--on-image", o.image,
+                        "instead of chains: N read-write layers on one image of this many layers (each mount has that many lowers)")
+      ->check(CLI::Range(1, 128));
 
   auto* churn_cmd = app.add_subcommand("churn", "Create/Get/Put/Remove container lifecycles at a target rate for a duration");
   churn_cmd->add_option("-r,--rate", o.rate, "operations per second (4 per lifecycle)")->capture_default_str()->check(CLI::PositiveNumber);
@@ -450,6 +512,9 @@ int main(int argc, char** argv) {
   auto* control_cmd = app.add_subcommand("control", "Exists/GetMetadata/Status on every connection for a duration or a request count");
   control_cmd->add_option("-t,--duration", o.duration, "seconds")->capture_default_str()->check(CLI::PositiveNumber);
   control_cmd->add_option("-n,--requests", o.requests, "total requests instead of a duration");
+  control_cmd->add_option("--op", o.control_ops, "calls to cycle through (repeatable)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"Exists", "GetMetadata", "Status"}));
 
   auto* health_cmd = app.add_subcommand("health", "GET /v1/health on every connection for a duration or a request count (no driver calls)");
   health_cmd->add_option("-t,--duration", o.duration, "seconds")->capture_default_str()->check(CLI::PositiveNumber);
