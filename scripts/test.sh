@@ -50,7 +50,7 @@ build() {
 }
 
 echo "=== build (debugoptimized) and all suites"
-if build build-test --buildtype=debugoptimized; then
+if build build-test --buildtype=debugoptimized --werror; then
   run_tests build-test
 else
   echo "test.sh: build failed"
@@ -59,7 +59,7 @@ else
 fi
 
 echo "=== sanitizer build (-Dsanitize=true) and the unit suite"
-if build build-asan --buildtype=debugoptimized -Dsanitize=true -Dtools=false; then
+if build build-asan --buildtype=debugoptimized --werror -Dsanitize=true -Dtools=false; then
   ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=1:detect_leaks=1} \
   UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1} \
     run_tests build-asan --suite unit

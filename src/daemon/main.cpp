@@ -251,6 +251,20 @@ int main(int argc, char** argv) {
     core::Loop loop;
     driver::Driver driver(driver_config);
     api::Server server(driver, server_config);
+    // The driver reports what happens to mounts as events; this is where they become log lines.
+    // Routine mounts and unmounts are debug (a storm is thousands); whatever an operator should
+    // see (healing, adoption, failures, unmounts layerd did not ask for) is info or warn.
+    driver.subscribe([](const driver::Event& e) {
+      const std::string layer = e.layer.empty() ? std::string("-") : e.layer;
+      if (e.type == "failure" || e.type == "server-exit") {
+        spdlog::warn("layer {}: {}: {}", layer, e.type, e.detail);
+      } else if (e.type == "remount" || e.type == "adopt" ||
+                 (e.type == "unmount" && !e.detail.empty())) {
+        spdlog::info("layer {}: {}: {}", layer, e.type, e.detail);
+      } else {
+        spdlog::debug("layer {}: {}{}{}", layer, e.type, e.detail.empty() ? "" : ": ", e.detail);
+      }
+    });
     spdlog::info("layerd {} starting (root {}, run dir {})", LAYERD_VERSION, o.root, o.run_dir);
     int rc = loop.block_on(run_daemon(driver, server, signals));
     if (rc == 2) {
