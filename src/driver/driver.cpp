@@ -630,9 +630,19 @@ core::Task<void> Driver::start() {
   // Rootless (a user namespace): no CAP_MKNOD, so device entries of a layer are skipped as
   // Docker skips them there.
   if (running_in_user_namespace()) d.config.allow_device_nodes = false;
-  co_await d.open_home(d.config.default_home);
   d.runtime = std::make_unique<RuntimeState>(d.config.run_dir);
   co_await d.runtime->open();
+  // dockerd sends Init only when it starts, never to a plugin that restarted under it: come back
+  // in the home the last Init chose (while it still exists), or every layer dockerd asks for
+  // "does not exist" and the adopted mounts of that home are ignored.
+  std::string home_to_open = d.config.default_home;
+  const std::string last_home = co_await d.runtime->load_home();
+  if (!last_home.empty()) {
+    struct statx st {};
+    int res = co_await core::statx(AT_FDCWD, last_home.c_str(), 0, STATX_TYPE, &st);
+    if (res == 0 && S_ISDIR(st.stx_mode)) home_to_open = last_home;
+  }
+  co_await d.open_home(home_to_open);
   co_await d.table.refresh();
   d.watcher = std::make_unique<watch::MountWatcher>(d.table);
   d.watcher->watch_prefix(d.home);
@@ -710,6 +720,7 @@ core::Task<void> Driver::init(InitRequest request) {
                              " are still mounted");
     co_await d.open_home(request.home);
   }
+  co_await d.runtime->save_home(d.home);
   d.init_request = std::move(request);
   d.initialized = true;
 }

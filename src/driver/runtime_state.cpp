@@ -31,7 +31,8 @@ constexpr const char* kSuffix = ".json";
 
 }  // namespace
 
-RuntimeState::RuntimeState(std::string run_dir) : dir_(std::move(run_dir) + "/mounts") {}
+RuntimeState::RuntimeState(std::string run_dir)
+    : dir_(run_dir + "/mounts"), home_file_(std::move(run_dir) + "/home") {}
 
 core::Task<void> RuntimeState::open() {
   int res = co_await core::mkdirat(AT_FDCWD, dir_.c_str(), 0700);
@@ -61,9 +62,12 @@ core::Task<void> RuntimeState::save(const RuntimeRecord& record) {
                         {"options", record.options},
                         {"server_pid", record.server_pid},
                         {"server_start_time", record.server_start_time}};
-  const std::string text = doc.dump() + "\n";
-  const std::string target = file_for(record.home, record.id);
-  const std::string temp = dir_ + "/.tmp-" + std::to_string(++temp_counter_) + "-" + record.id;
+  co_await replace_file(file_for(record.home, record.id), record.id, doc.dump() + "\n");
+}
+
+core::Task<void> RuntimeState::replace_file(const std::string& target, const std::string& name,
+                                            const std::string& text) {
+  const std::string temp = dir_ + "/.tmp-" + std::to_string(++temp_counter_) + "-" + name;
   int fd = co_await core::openat(AT_FDCWD, temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
   if (fd < 0) throw Error(fd, "writing runtime state " + temp);
   sys::UniqueFd file(fd);
@@ -78,6 +82,19 @@ core::Task<void> RuntimeState::save(const RuntimeRecord& record) {
     (void)co_await core::unlinkat(AT_FDCWD, temp.c_str(), 0);
     throw Error(res, "replacing runtime state " + target);
   }
+}
+
+core::Task<void> RuntimeState::save_home(const std::string& home) {
+  co_await replace_file(home_file_, "home", home + "\n");
+}
+
+core::Task<std::string> RuntimeState::load_home() {
+  co_return co_await core::offload([file = home_file_] {
+    std::string text;
+    if (sys::read_small_file(AT_FDCWD, file.c_str(), text, 1 << 16) < 0) return std::string();
+    while (!text.empty() && text.back() == '\n') text.pop_back();
+    return text;
+  });
 }
 
 core::Task<void> RuntimeState::erase(const std::string& home, const std::string& id) {

@@ -30,10 +30,17 @@ class RuntimeState {
   core::Task<void> erase(const std::string& home, const std::string& id);
   // Every readable record; unreadable ones (torn by a crash of an older version) are dropped.
   core::Task<std::vector<RuntimeRecord>> load_all();
+  // The home the last Init chose ("" if none was recorded): dockerd sends Init only when it
+  // starts, so a restarted layerd must find its way back to that home by itself.
+  core::Task<void> save_home(const std::string& home);
+  core::Task<std::string> load_home();
 
  private:
   std::string file_for(const std::string& home, const std::string& id) const;
+  core::Task<void> replace_file(const std::string& target, const std::string& name,
+                                const std::string& text);
   std::string dir_;
+  std::string home_file_;
   std::uint64_t temp_counter_ = 0;
 };
 

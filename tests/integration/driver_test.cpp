@@ -465,4 +465,35 @@ TEST_F(DriverTest, MountsSurviveARestartWithTheirRefcounts) {
   EXPECT_FALSE(test::process_exists(pid));
 }
 
+TEST_F(DriverTest, RestartReturnsToTheHomeOfTheLastInit) {
+  // dockerd sends Init (with its own home) only when it starts: a restarted layerd must serve
+  // that home again, not its default one.
+  const std::string docker_home = dir_ + "/docker-home";
+  run(driver_->init(driver::InitRequest{docker_home, {}, {}, {}}));
+  create("base");
+  write_file(docker_home + "/base/diff/f", "in the Init home");
+  create("rw", "base", true);
+  const std::string merged = get("rw");
+  const pid_t pid = info("rw")->server_pid;
+  loop_->block_on(driver_->shutdown());
+  driver_.reset();
+
+  start_driver();  // default home: home_
+  EXPECT_EQ(driver_->home(), docker_home);
+  EXPECT_TRUE(run(driver_->exists("base")));
+  const auto* adopted = info("rw");
+  ASSERT_NE(adopted, nullptr);
+  EXPECT_TRUE(adopted->mounted);
+  EXPECT_EQ(adopted->server_pid, pid);
+  EXPECT_EQ(read_file(merged + "/f"), "in the Init home");
+  put("rw");
+  EXPECT_FALSE(test::is_mounted(merged));
+
+  // A recorded home that no longer exists falls back to the default one.
+  stop_driver();
+  fs::remove_all(docker_home);
+  start_driver();
+  EXPECT_EQ(driver_->home(), home_);
+}
+
 }  // namespace
