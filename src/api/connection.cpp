@@ -14,6 +14,9 @@ namespace layerd::api {
 
 namespace {
 
+// Input buffer: small while a connection idles (1,000 idle clients must not pin 64 MiB), grown
+// on demand up to the largest read a request body streams with.
+constexpr std::size_t kInputBufferInitialBytes = 4 * 1024;
 constexpr std::size_t kInputBufferBytes = 64 * 1024;
 
 // Registers the cancel source of the wait in progress so that interrupt()/abort_socket() can end
@@ -110,7 +113,7 @@ std::string Request::query_param(std::string_view key) const {
 }
 
 Connection::Connection(Server::Impl& server, sys::UniqueFd fd)
-    : server_(server), fd_(std::move(fd)), in_(kInputBufferBytes) {
+    : server_(server), fd_(std::move(fd)), in_(kInputBufferInitialBytes) {
   http_parser_init(&parser_, HTTP_REQUEST);
   parser_.data = this;
   http_parser_settings_init(&settings_);
@@ -199,6 +202,12 @@ int Connection::on_message_complete(http_parser* p) {
 // --- input ------------------------------------------------------------------------------------
 
 void Connection::reset_request() {
+  // Between requests an emptied buffer gives its memory back.
+  if (in_begin_ == in_end_ && in_.size() > kInputBufferInitialBytes) {
+    in_begin_ = in_end_ = 0;
+    in_.resize(kInputBufferInitialBytes);
+    in_.shrink_to_fit();
+  }
   request_ = Request{};
   last_was_value_ = false;
   head_bytes_ = 0;
@@ -214,7 +223,19 @@ void Connection::reset_request() {
 core::Task<int> Connection::fill(core::CancelSource& cancel,
                                  std::optional<std::chrono::milliseconds> timeout) {
   if (in_begin_ == in_end_) in_begin_ = in_end_ = 0;
-  if (in_end_ == in_.size()) co_return -ENOBUFS;
+  if (in_end_ == in_.size()) {
+    if (in_begin_ > 0) {
+      // Unparsed bytes move to the front: the parser holds no pointers into the buffer between
+      // feeds (the head's fields are copied into the request as they are parsed).
+      std::memmove(in_.data(), in_.data() + in_begin_, in_end_ - in_begin_);
+      in_end_ -= in_begin_;
+      in_begin_ = 0;
+    } else if (in_.size() < kInputBufferBytes) {
+      in_.resize(std::min(in_.size() * 2, kInputBufferBytes));
+    } else {
+      co_return -ENOBUFS;
+    }
+  }
   int n;
   if (timeout) {
     n = co_await core::recv(fd_.get(), in_.data() + in_end_, in_.size() - in_end_)
