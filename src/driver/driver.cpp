@@ -773,7 +773,9 @@ core::Task<void> Driver::remove(std::string id) {
     d.mounts.erase(id);
     co_await d.save_runtime(id);
   }
-  co_await d.store->remove(id);
+  // Removing a layer that is not there succeeds, as with the seed (dockerd's clean-up paths
+  // remove layers whose creation failed).
+  if (co_await d.store->exists(id)) co_await d.store->remove(id);
   d.catalog.erase(id);
 }
 

@@ -322,6 +322,8 @@ TEST_F(DriverTest, BadInputIsRefusedAndChangesNothing) {
   expect_error([&] { create("orphan", "missing-parent"); }, "missing-parent");
   expect_error([&] { create("base"); }, "already exists");
   expect_error([&] { get("nope"); }, "nope");
+  expect_error([&] { put("nope"); }, "nope");
+  run(driver_->remove("nope"));  // as the seed: removing a missing layer succeeds
   expect_error([&] { run(driver_->metadata("nope")); }, "nope");
   expect_error([&] { run(driver_->create(CreateRequest{"x", "", "", {{"size", "10G"}}, false})); },
                "--storage-opt is not supported");

@@ -313,7 +313,9 @@ TEST_F(ServerTest, PluginCallsAnswerDockerShapes) {
       return j;
     };
     const std::string id = R"({"ID":"0123456789abcdef"})" "\n";
-    for (const char* path : {"/GraphDriver.Remove", "/GraphDriver.Put", "/GraphDriver.Get"}) {
+    // Removing what is not there succeeds, as with Docker's own driver.
+    EXPECT_EQ(call("/GraphDriver.Remove", id)["Err"], "");
+    for (const char* path : {"/GraphDriver.Put", "/GraphDriver.Get"}) {
       json j = call(path, id);
       ASSERT_TRUE(j.contains("Err")) << path;
       EXPECT_TRUE(j["Err"].is_string());
@@ -321,7 +323,8 @@ TEST_F(ServerTest, PluginCallsAnswerDockerShapes) {
       EXPECT_FALSE(j["Err"].get<std::string>().empty()) << path;
     }
     EXPECT_TRUE(call("/GraphDriver.Exists", id)["Exists"].is_boolean());
-    EXPECT_TRUE(call("/GraphDriver.Status", "{}\n")["Status"].is_array());
+    json status = call("/GraphDriver.Status", "{}\n");
+    EXPECT_TRUE(status["Status"].is_array()) << status.dump();
     json meta = call("/GraphDriver.GetMetadata", id);
     EXPECT_TRUE(meta.contains("Err"));
     json changes = call("/GraphDriver.Changes", R"({"ID":"a","Parent":"b"})");
