@@ -622,6 +622,14 @@ core::Task<DirRef> Applier::dir(const std::string& path, const std::string& entr
   how.flags = O_RDONLY | O_DIRECTORY;
   how.resolve = kResolve;
   int fd = co_await core::openat2(root_fd_, path.c_str(), &how);
+  if (fd == -ENOENT && create && scope_.active() > 0) {
+    // A small file still being created by a task may own this name ("f", then "f/g"): let the
+    // tasks finish and look again, so that the error names "f/g" (its parent is not a
+    // directory) rather than depending on which of mkdir and the task came first.
+    co_await WaitBelow{*this, 0};
+    throw_task_error();
+    fd = co_await core::openat2(root_fd_, path.c_str(), &how);
+  }
   if (fd == -ENOENT && create) {
     // A parent the tar does not list (Docker creates it 0755, owned by the mapped root).
     auto slash = path.rfind('/');

@@ -214,6 +214,23 @@ void set_ustar_size(std::vector<std::byte>& tar, const std::string& octal) {
   h[155] = ' ';
 }
 
+// "f" is written by a concurrent task; "f/g" must not race it by creating "f" as an implicit
+// parent directory first (the error then named "f" as a duplicate, now and then).
+TEST(ApplyTar, FileThenPathUnderItAlwaysBlamesThePathUnderIt) {
+  for (int i = 0; i < 30; ++i) {
+    SCOPED_TRACE(i);
+    std::vector<TarEntry> entries;
+    std::set<std::string> allowed = {"/f"};  // apply_tar leaves the rest to its caller's cleanup
+    for (int k = 0; k < 20; ++k) {
+      entries.push_back({.name = "x" + std::to_string(k), .data = "x"});
+      allowed.insert("/x" + std::to_string(k));
+    }
+    entries.push_back({.name = "f", .data = "1"});
+    entries.push_back({.name = "f/g", .data = "2"});
+    expect_refused(make_tar(entries), "'f/g'", allowed, {});
+  }
+}
+
 TEST(ApplyTar, TruncatedAndCorruptInput) {
   // Data shorter than the header says: cut the tar inside the big file (small and large paths).
   for (std::size_t size : {std::size_t{5000}, std::size_t{300000}}) {
