@@ -2,10 +2,18 @@
 // alternating rounds; medians with min and max.
 //
 //   archivebench [--dir /dev/shm/archivebench] [--rounds 5] [--files 20000] [--big-mib 1024]
+//                [--parent-files 100000] [--only apply|diff]
+//
+// apply: apply_tar of a many-small-file layer and of a 1 GiB layer of 8 files.
+// diff: Diff and Changes of a layer with 3 changed files over a large parent, native (the upper
+// directory only) against the naive path (a full walk of the merged tree compared with the
+// parent's), the merged tree being a real fuse-overlayfs mount when possible.
 #include <archive.h>
 #include <archive_entry.h>
 #include <fcntl.h>
+#include <sys/mount.h>
 #include <sys/resource.h>
+#include <sys/sysmacros.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -97,6 +105,23 @@ void run(const std::string& cmd) {
   }
 }
 
+class NullSink final : public layerd::archive::ByteSink {
+ public:
+  core::Task<void> write(std::span<const std::byte> data) override {
+    bytes += data.size();
+    co_return;
+  }
+  std::uint64_t bytes = 0;
+};
+
+void write_small(const std::string& path, const std::string& content) {
+  sys::UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (!fd || ::write(fd.get(), content.data(), content.size()) != static_cast<ssize_t>(content.size())) {
+    std::fprintf(stderr, "cannot write %s\n", path.c_str());
+    std::exit(1);
+  }
+}
+
 struct Stats {
   std::vector<double> values;
   double median() const {
@@ -110,15 +135,103 @@ struct Stats {
 
 }  // namespace
 
+struct DiffTimes {
+  std::vector<layerd::archive::Change> native_changes, naive_changes;
+  std::uint64_t native_tar = 0, naive_tar = 0;
+};
+
+// Diff/Changes of 3 changed files over a `parent_files` parent: native against naive.
+int diff_bench(core::Loop& loop, const std::string& dir, int rounds, int parent_files) {
+  const std::string parent = dir + "/parent", upper = dir + "/upper", work = dir + "/work",
+                    merged = dir + "/merged";
+  // A run that died left its mount behind: remove_all would fail on it.
+  (void)::umount2(merged.c_str(), MNT_DETACH);
+  std::filesystem::remove_all(dir);
+  for (const auto& d : {parent, upper, work, merged}) std::filesystem::create_directories(d);
+  const int per_dir = 1000;
+  for (int i = 0; i < parent_files; ++i) {
+    std::string d = parent + "/d" + std::to_string(i / per_dir);
+    if (i % per_dir == 0) std::filesystem::create_directories(d);
+    write_small(d + "/f" + std::to_string(i), std::string(100, 'p'));
+  }
+  // The layer: one file modified, one added, one deleted (an overlay whiteout as fuse-overlayfs
+  // makes it as root, or an AUFS one otherwise).
+  std::filesystem::create_directories(upper + "/d0");
+  std::filesystem::create_directories(upper + "/d1");
+  std::filesystem::create_directories(upper + "/d2");
+  write_small(upper + "/d0/f0", "modified");
+  write_small(upper + "/d1/added", "added");
+  std::string deleted = upper + "/d2/f" + std::to_string(2 * per_dir);
+  if (::mknod(deleted.c_str(), S_IFCHR, makedev(0, 0)) != 0)
+    write_small(upper + "/d2/.wh.f" + std::to_string(2 * per_dir), "");
+  // The merged tree: a real fuse-overlayfs mount (what the naive path walks), else a copy.
+  bool mounted = std::system(("fuse-overlayfs -o lowerdir=" + parent + ",upperdir=" + upper +
+                              ",workdir=" + work + " " + merged + " 2>/dev/null").c_str()) == 0;
+  if (!mounted) {
+    run("cp -a " + parent + "/. " + merged);
+    run("cp " + upper + "/d0/f0 " + merged + "/d0/f0 && cp " + upper + "/d1/added " + merged +
+        "/d1/added && rm " + merged + "/d2/f" + std::to_string(2 * per_dir));
+  }
+  sys::UniqueFd parent_fd(::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  sys::UniqueFd upper_fd(::open(upper.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  sys::UniqueFd merged_fd(::open(merged.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  std::map<std::string, Stats> times;
+  DiffTimes last;
+  for (int r = 0; r < rounds; ++r) {
+    times["Changes native"].values.push_back(seconds_of([&] {
+      last.native_changes = loop.block_on(layerd::archive::upper_changes(upper_fd.get(), {parent_fd.get()}));
+    }));
+    times["Changes naive"].values.push_back(seconds_of([&] {
+      last.naive_changes = loop.block_on(layerd::archive::compare_trees(merged_fd.get(), parent_fd.get()));
+    }));
+    times["Diff native"].values.push_back(seconds_of([&] {
+      NullSink sink;
+      loop.block_on(layerd::archive::export_diff(upper_fd.get(), sink));
+      last.native_tar = sink.bytes;
+    }));
+    times["Diff naive"].values.push_back(seconds_of([&] {
+      NullSink sink;
+      auto changes = loop.block_on(layerd::archive::compare_trees(merged_fd.get(), parent_fd.get()));
+      loop.block_on(layerd::archive::export_changes(merged_fd.get(), changes, sink));
+      last.naive_tar = sink.bytes;
+    }));
+  }
+  std::printf("diff: 3 changed files over a %d-file parent, merged tree %s; %d rounds, ms: median (min-max)\n",
+              parent_files, mounted ? "a fuse-overlayfs mount" : "a plain copy (no fuse-overlayfs)", rounds);
+  for (auto& [name, s] : times)
+    std::printf("  %-16s %10.3f (%.3f-%.3f)\n", name.c_str(), s.median() * 1e3, s.min() * 1e3, s.max() * 1e3);
+  std::printf("  Changes: native %zu entries, naive %zu entries (%s)\n", last.native_changes.size(),
+              last.naive_changes.size(), last.native_changes == last.naive_changes ? "identical" : "DIFFERENT");
+  std::printf("  Diff tar: native %llu bytes, naive %llu bytes\n",
+              static_cast<unsigned long long>(last.native_tar), static_cast<unsigned long long>(last.naive_tar));
+  std::printf("  speedup native / naive: Changes %.0fx, Diff %.0fx\n",
+              times["Changes naive"].median() / times["Changes native"].median(),
+              times["Diff naive"].median() / times["Diff native"].median());
+  if (mounted) (void)::umount2(merged.c_str(), MNT_DETACH);
+  parent_fd.reset();
+  upper_fd.reset();
+  merged_fd.reset();
+  std::filesystem::remove_all(dir);
+  return last.native_changes == last.naive_changes ? 0 : 1;
+}
+
 int main(int argc, char** argv) {
   std::string dir = "/dev/shm/archivebench";
-  int rounds = 5, files = 20000, big_mib = 1024;
+  std::string only;
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  int rounds = 5, files = 20000, big_mib = 1024, parent_files = 100000;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string flag = argv[i];
     if (flag == "--dir") dir = argv[i + 1];
     else if (flag == "--rounds") rounds = std::atoi(argv[i + 1]);
     else if (flag == "--files") files = std::atoi(argv[i + 1]);
     else if (flag == "--big-mib") big_mib = std::atoi(argv[i + 1]);
+    else if (flag == "--parent-files") parent_files = std::atoi(argv[i + 1]);
+    else if (flag == "--only") only = argv[i + 1];
+  }
+  if (only == "diff") {
+    core::Loop loop;
+    return diff_bench(loop, dir + "/diff", rounds, parent_files);
   }
   std::filesystem::create_directories(dir);
   std::string small_tar = dir + "/small.tar", big_tar = dir + "/big.tar";
@@ -190,4 +303,6 @@ int main(int argc, char** argv) {
   std::printf("  ratio layerd / cat: %.2f\n", big["layerd apply_tar"].median() / big["cat layer.tar > file"].median());
   std::printf("peak RSS of this process (applies only): %ld KiB\n", usage.ru_maxrss);
   std::filesystem::remove_all(dir);
+  if (only.empty()) return diff_bench(loop, dir + "/diff", rounds, parent_files);
+  return 0;
 }
