@@ -167,7 +167,7 @@ TEST(StoreIds, ValidateRefusesWhatCannotBeALayerName) {
       EXPECT_EQ(std::string(e.what()).rfind("invalid layer id \"", 0), 0u) << e.what();
     }
   }
-  for (const std::string id :
+  for (const std::string& id :
        {std::string("a"), std::string(64, 'f'), std::string(64, 'e') + "-init", std::string(200, 'x'),
         std::string("l2"), std::string(".hidden"), std::string("sha256-ab")}) {
     EXPECT_NO_THROW(store::validate_id(id)) << id;
@@ -280,7 +280,7 @@ TEST_F(StoreTest, Depth128IsAcceptedAnd129Refused) {
 TEST_F(StoreTest, InvalidIdsLeaveHomeUnchanged) {
   create("base");
   auto before = snapshot(home_);
-  for (const std::string id : {std::string(""), std::string(".."), std::string("l"),
+  for (const std::string& id : {std::string(""), std::string(".."), std::string("l"),
                                std::string("../escape"), std::string("a/b"),
                                std::string(".layerd-trash-x"), std::string(300, 'z'),
                                std::string("bad\nid")}) {
