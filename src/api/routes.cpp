@@ -169,6 +169,7 @@ core::Task<Response> diff_call(Connection& conn, json req) {
   } catch (const HttpError&) {
     throw;
   } catch (const std::exception& e) {
+    spdlog::warn("{} failed: {}", conn.request().target, e.what());
     if (sink.started()) throw;  // run() closes the connection: the tar is incomplete
     error = e.what();
   }
@@ -198,6 +199,7 @@ core::Task<Response> plugin_call(Connection& conn, Call call) {
     } catch (const HttpError&) {
       throw;
     } catch (const std::exception& e) {
+      spdlog::warn("{} failed: {}", r.target, e.what());
       out = {{"Size", 0}, {"Err", e.what()}};
     }
     co_return plugin_json(out);
@@ -293,6 +295,8 @@ core::Task<Response> plugin_call(Connection& conn, Call call) {
   } catch (const HttpError&) {
     throw;
   } catch (const std::exception& e) {
+    // Exists answers false for what cannot exist; anything else failing is worth a line.
+    if (call != Call::kExists) spdlog::warn("{} failed: {}", conn.request().target, e.what());
     // Status 200: dockerd then reports the driver's message as it is.
     out = {{"Err", e.what()}};
     if (call == Call::kExists) out["Exists"] = false;

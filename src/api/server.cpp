@@ -143,6 +143,7 @@ void Server::Impl::record(std::string_view route, int status, double seconds) {
   ++stats.requests;
   ++requests_by_route[fmt::format("route=\"{}\",status=\"{}\"", route, status)];
   request_seconds.observe(seconds);
+  spdlog::debug("{} -> {} in {:.3f} ms", route, status, seconds * 1000);
 }
 
 std::string Server::Impl::render_metrics() const {

@@ -127,6 +127,9 @@ core::Task<void> run_server(api::Server& server, bool* joined) {
 core::Task<int> run_daemon(driver::Driver& driver, api::Server& server,
                            core::SignalSet& signals) {
   co_await driver.start();
+  // The home can differ from --root: after a restart layerd returns to the home of the last
+  // Init (dockerd does not send Init again to a plugin that restarts under it).
+  spdlog::info("layer home {} ({} active mounts adopted)", driver.home(), driver.active_mounts());
   server.listen();
   bool joined = true;
   core::Scope scope;
@@ -265,7 +268,8 @@ int main(int argc, char** argv) {
         spdlog::debug("layer {}: {}{}{}", layer, e.type, e.detail.empty() ? "" : ": ", e.detail);
       }
     });
-    spdlog::info("layerd {} starting (root {}, run dir {})", LAYERD_VERSION, o.root, o.run_dir);
+    spdlog::info("layerd {} starting (default root {}, run dir {})", LAYERD_VERSION, o.root,
+                 o.run_dir);
     int rc = loop.block_on(run_daemon(driver, server, signals));
     if (rc == 2) {
       // A request is stuck in a driver call: its frame still uses the server and the driver,
