@@ -193,7 +193,7 @@ struct Driver::Impl {
   core::Task<bool> is_mount_point(const std::string& path);
   core::Task<void> supervise(std::string id, std::shared_ptr<Server> server);
   core::Task<void> heal(std::string id, std::string cause);
-  void watch_mountpoint(const std::string& id, MountRuntime& state);
+  core::Task<void> watch_mountpoint(std::string id, std::shared_ptr<Server> server);
   void unwatch_mountpoint(MountRuntime& state);
   core::Task<void> save_runtime(const std::string& id);
   core::Task<void> adopt_runtime_state();
@@ -300,10 +300,10 @@ core::Task<void> Driver::Impl::mount(const std::string& id, const store::LayerRe
   state.mounted = true;
   state.failed = false;
   state.last_error.clear();
-  watch_mountpoint(id, state);
   ++metrics.mounts;
   metrics.mount_seconds.observe(seconds_since(started_at));
   emit("mount", id, "pid " + std::to_string(server->child.pid()));
+  co_await watch_mountpoint(id, server);
 }
 
 // One statx on the ring instead of re-reading the whole mount table, which in a storm of N
@@ -474,10 +474,23 @@ core::Task<void> Driver::Impl::heal(std::string id, std::string cause) {
   }
 }
 
-void Driver::Impl::watch_mountpoint(const std::string& id, MountRuntime& state) {
-  int wd = inotify->add(merged_dir(id), IN_UNMOUNT | IN_DELETE_SELF);
-  if (wd < 0) return;  // the mount table watcher still notices
-  state.inotify_wd = wd;
+// inotify_add_watch resolves the mountpoint, which asks the FUSE server (a just-started one can
+// be slow to answer in a storm): done on a worker, and the result kept only if the mount it
+// watches is still the current one.
+core::Task<void> Driver::Impl::watch_mountpoint(std::string id, std::shared_ptr<Server> server) {
+  watch::InotifyWatcher* watcher = inotify.get();
+  const std::string path = merged_dir(id);
+  const int wd = co_await core::offload(
+      [watcher, path] { return watcher->add(path, IN_UNMOUNT | IN_DELETE_SELF); });
+  if (wd < 0) co_return;  // the mount table watcher still notices
+  auto it = mounts.find(id);
+  if (it != mounts.end() && it->second.inotify_wd == wd) co_return;  // same inode, same watch
+  if (it == mounts.end() || !it->second.mounted || it->second.server != server ||
+      it->second.inotify_wd >= 0) {
+    inotify->remove(wd);
+    co_return;
+  }
+  it->second.inotify_wd = wd;
   layer_of_watch[wd] = id;
 }
 
@@ -533,8 +546,8 @@ core::Task<void> Driver::Impl::adopt_runtime_state() {
         state.server = server;
         state.options = record.options;
         state.mounted = true;
-        watch_mountpoint(record.id, state);
         background.spawn(supervise(record.id, server));
+        co_await watch_mountpoint(record.id, server);
         emit("adopt", record.id, "pid " + std::to_string(record.server_pid));
         adopted = true;
       } catch (const Error&) {
