@@ -60,11 +60,13 @@ class SupervisionTest : public ::testing::Test {
     fs::remove_all(dir_, ec);
   }
 
-  void start(driver::HealPolicy policy = driver::HealPolicy::kRemount) {
+  void start(driver::HealPolicy policy = driver::HealPolicy::kRemount,
+             const std::string& fuse_overlayfs = "fuse-overlayfs") {
     driver::DriverConfig c;
     c.default_home = home_;
     c.run_dir = dir_ + "/run";
     c.heal_policy = policy;
+    c.fuse_overlayfs = fuse_overlayfs;
     driver_ = std::make_unique<Driver>(c);
     driver_->subscribe([this](const driver::Event& e) { events_.push_back(e.type + " " + e.layer); });
     run(driver_->start());
@@ -233,12 +235,87 @@ TEST_F(SupervisionTest, RestartAdoptsLiveServersAndRemountsDeadOnes) {
   EXPECT_EQ(test::mounts_under(home_).size(), 0u);
 }
 
+// A FUSE server that exits before mounting: Get fails with the server's own stderr.
+TEST_F(SupervisionTest, EarlyExitIsAnErrorCarryingTheServersStderr) {
+  const std::string fake = dir_ + "/broken-fuse-overlayfs";
+  write_file(fake, "#!/bin/sh\necho 'fuse: device not found, try modprobe fuse first' >&2\nexit 1\n");
+  ASSERT_EQ(::chmod(fake.c_str(), 0755), 0);
+  run(driver_->shutdown());
+  driver_.reset();
+  start(driver::HealPolicy::kRemount, fake);
+  make_pair("rw");
+  try {
+    (void)run(driver_->get("rw", ""));
+    FAIL() << "a server that exited was taken for a mount";
+  } catch (const Error& e) {
+    const std::string message = e.what();
+    EXPECT_NE(message.find("exited with code 1"), std::string::npos) << message;
+    EXPECT_NE(message.find("device not found, try modprobe fuse first"), std::string::npos)
+        << message;
+  }
+  EXPECT_FALSE(fs::exists(home_ + "/rw/merged"));
+  EXPECT_FALSE(info("rw")->mounted);
+  EXPECT_EQ(info("rw")->refcount, 0);
+}
+
+// A server that keeps dying: remounts are retried with backoff, then the layer is marked failed
+// with the last error (the server's stderr).
+TEST_F(SupervisionTest, ServerThatKeepsDyingIsMarkedFailedAfterRetries) {
+  // The first start is a real fuse-overlayfs; every later one fails at once.
+  const std::string flaky = dir_ + "/flaky-fuse-overlayfs";
+  const std::string count = dir_ + "/starts";
+  write_file(flaky, "#!/bin/sh\n[ \"$1\" = --version ] && exec fuse-overlayfs --version\necho x >> " + count +
+                        "\nif [ $(wc -l < " + count + ") -gt 1 ]; then echo 'cannot mount: "
+                        "simulated crash' >&2; exit 3; fi\nexec fuse-overlayfs \"$@\"\n");
+  ASSERT_EQ(::chmod(flaky.c_str(), 0755), 0);
+  run(driver_->shutdown());
+  driver_.reset();
+  start(driver::HealPolicy::kRemount, flaky);
+  make_pair("rw");
+  const std::string merged = run(driver_->get("rw", ""));
+  const pid_t pid = info("rw")->server_pid;
+  const auto killed_at = std::chrono::steady_clock::now();
+  ASSERT_EQ(::kill(pid, SIGKILL), 0);
+  ASSERT_TRUE(wait_until([&] { return info("rw")->state == "failed"; }));
+  // Four attempts: at once, then after 100, 200 and 400 ms.
+  EXPECT_GE(std::chrono::steady_clock::now() - killed_at, 650ms);
+  const std::string starts = read_file(count);
+  EXPECT_EQ(std::count(starts.begin(), starts.end(), '\n'), 1 + 4);
+  EXPECT_NE(info("rw")->last_error.find("simulated crash"), std::string::npos)
+      << info("rw")->last_error;
+  EXPECT_FALSE(test::is_mounted(merged));  // no dead mount left behind
+  EXPECT_EQ(info("rw")->refcount, 1);      // still held: the holder's Put is still owed
+  run(driver_->put("rw"));
+  EXPECT_EQ(info("rw")->refcount, 0);
+}
+
+// `rm -rf` of a held layer's merged directory (what a careless cleanup script does): rm walks
+// into the mount and deletes through it, then cannot remove the busy mountpoint. The mount
+// stays, layerd keeps serving it, and nothing hangs.
+TEST_F(SupervisionTest, RmRfOfAMergedDirectoryIsSurvived) {
+  make_pair("rw");
+  const std::string merged = run(driver_->get("rw", ""));
+  const pid_t pid = info("rw")->server_pid;
+  EXPECT_NE(std::system(("rm -rf " + merged + " 2>/dev/null").c_str()), 0);
+  run(sleep_for(100ms));
+  EXPECT_TRUE(test::is_mounted(merged));
+  EXPECT_TRUE(info("rw")->mounted);
+  EXPECT_EQ(info("rw")->server_pid, pid);
+  // The deletion went through the mount: the lower file is whited out in the upper dir.
+  EXPECT_FALSE(fs::exists(merged + "/file"));
+  EXPECT_TRUE(fs::exists(home_ + "/base/diff/file"));
+  write_file(merged + "/again", "writable");
+  EXPECT_EQ(read_file(home_ + "/rw/diff/again"), "writable");
+  run(driver_->put("rw"));
+  EXPECT_FALSE(test::is_mounted(merged));
+}
+
 // A seeded random walk over Create/Get/Put/Remove/kill/restart on 50 layers, checked after
 // every step against a model: which layers exist, each refcount, what is mounted.
 TEST_F(SupervisionTest, RandomOperationsMatchTheModel) {
   std::mt19937 rng(20261128);
   constexpr int kLayers = 50;
-  constexpr int kSteps = 1500;
+  constexpr int kSteps = 2000;
   run(driver_->create(CreateRequest{"base", "", "", {}, false}));
   write_file(home_ + "/base/diff/file", "payload");
   std::map<std::string, int> model;  // existing layer -> refcount
