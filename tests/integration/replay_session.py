@@ -161,6 +161,25 @@ def main():
                 break
             time.sleep(0.02)
         conn = Connection(sock_path)
+        # /v1/events, followed for the whole replay on its own connection.
+        events_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        events_sock.connect(sock_path)
+        events_sock.sendall(b"GET /v1/events HTTP/1.1\r\nHost: layerd\r\n\r\n")
+        events_raw = []
+
+        def follow_events():
+            while True:
+                try:
+                    data = events_sock.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                events_raw.append(data)
+
+        import threading
+        events_thread = threading.Thread(target=follow_events, daemon=True)
+        events_thread.start()
         refs = {}       # layer -> Get count (as layerd should track it)
         parents = {}    # layer -> parent
         replayed = 0
@@ -285,6 +304,21 @@ def main():
         with open("/proc/self/mountinfo") as f:
             left = [l.split()[4] for l in f if l.split()[4].startswith(home + "/")]
         expect(not left, f"mounts left behind: {left}")
+        # Every mount and unmount of the replay was an event line.
+        time.sleep(0.2)
+        events = []
+        for line in b"".join(events_raw).split(b"\n"):
+            line = line.strip()
+            if line.startswith(b"{"):
+                events.append(json.loads(line))
+        kinds = {(e.get("type"), e.get("layer")) for e in events}
+        layer = "4a02567c50e55e618aeadfc3a32d02888e29698c00d03a2d0f3b18e1e12d6c0b-init"
+        expect(("mount", layer) in kinds and ("unmount", layer) in kinds,
+               f"no mount/unmount events for {layer}: {sorted(kinds)[:10]}")
+        expect(sum(1 for e in events if e.get("type") == "mount") ==
+               sum(1 for e in events if e.get("type") == "unmount"),
+               "every mount event has its unmount")
+        expect(all(isinstance(e.get("time"), (int, float)) for e in events), "events carry a time")
         print(f"replayed {replayed} requests: every answer had dockerd's shape, state as expected")
     except Failure as e:
         log.flush()
