@@ -1052,19 +1052,7 @@ core::Task<void> Driver::diff(std::string id, std::string parent, archive::ByteS
     co_await archive::export_diff(upper.get(), tar);
     co_return;
   }
-  auto [top, base] = co_await naive_mount(id, parent);
-  std::exception_ptr failure;
-  try {
-    sys::UniqueFd top_fd = co_await d.open_dir(top);
-    sys::UniqueFd base_fd;
-    if (!base.empty()) base_fd = co_await d.open_dir(base);
-    std::vector<Change> changes = co_await archive::compare_trees(top_fd.get(), base_fd.get());
-    co_await archive::export_changes(top_fd.get(), changes, tar);
-  } catch (...) {
-    failure = std::current_exception();
-  }
-  co_await naive_release(id, parent);
-  if (failure) std::rethrow_exception(failure);
+  (void)co_await naive_compare(id, parent, &tar, false);
 }
 
 core::Task<std::vector<Change>> Driver::changes(std::string id, std::string parent) {
@@ -1082,20 +1070,8 @@ core::Task<std::vector<Change>> Driver::changes(std::string id, std::string pare
     }
   }
   if (native) co_return std::move(*native);
-  auto [top, base] = co_await naive_mount(id, parent);
-  std::exception_ptr failure;
-  std::vector<Change> result;
-  try {
-    sys::UniqueFd top_fd = co_await d.open_dir(top);
-    sys::UniqueFd base_fd;
-    if (!base.empty()) base_fd = co_await d.open_dir(base);
-    result = co_await archive::compare_trees(top_fd.get(), base_fd.get());
-  } catch (...) {
-    failure = std::current_exception();
-  }
-  co_await naive_release(id, parent);
-  if (failure) std::rethrow_exception(failure);
-  co_return result;
+  NaiveResult naive = co_await naive_compare(id, parent, nullptr, false);
+  co_return std::move(naive.changes);
 }
 
 core::Task<std::uint64_t> Driver::diff_size(std::string id, std::string parent) {
@@ -1110,46 +1086,41 @@ core::Task<std::uint64_t> Driver::diff_size(std::string id, std::string parent) 
       co_return co_await archive::upper_diff_size(upper.get());
     }
   }
-  auto [top, base] = co_await naive_mount(id, parent);
+  NaiveResult naive = co_await naive_compare(id, parent, nullptr, true);
+  co_return naive.size;
+}
+
+// The seed's naive path, for a parent that is not the layer's direct one: both trees mounted
+// (Get and Put take the layers' locks themselves) and compared in full; then, as asked, the
+// changes exported as a tar and their size summed. Both mounts are released whatever happens.
+core::Task<Driver::NaiveResult> Driver::naive_compare(const std::string& id,
+                                                      const std::string& parent,
+                                                      archive::ByteSink* export_to,
+                                                      bool want_size) {
+  Impl& d = *impl_;
+  const std::string top = co_await get(id, "");
+  std::string base;
+  NaiveResult result;
   std::exception_ptr failure;
-  std::uint64_t size = 0;
   try {
+    if (!parent.empty()) base = co_await get(parent, "");
     sys::UniqueFd top_fd = co_await d.open_dir(top);
     sys::UniqueFd base_fd;
     if (!base.empty()) base_fd = co_await d.open_dir(base);
-    std::vector<Change> changes = co_await archive::compare_trees(top_fd.get(), base_fd.get());
-    size = co_await core::offload([&top, &changes] { return changes_size(top, changes); });
+    result.changes = co_await archive::compare_trees(top_fd.get(), base_fd.get());
+    if (export_to) co_await archive::export_changes(top_fd.get(), result.changes, *export_to);
+    if (want_size) {
+      const std::vector<Change>& changes = result.changes;
+      result.size =
+          co_await core::offload([&top, &changes] { return changes_size(top, changes); });
+    }
   } catch (...) {
     failure = std::current_exception();
   }
-  co_await naive_release(id, parent);
-  if (failure) std::rethrow_exception(failure);
-  co_return size;
-}
-
-// Mounts the layer and the given parent for a full comparison (the seed's naive diff).
-core::Task<std::pair<std::string, std::string>> Driver::naive_mount(const std::string& id,
-                                                                    const std::string& parent) {
-  std::string top = co_await get(id, "");
-  std::string base;
-  if (!parent.empty()) {
-    std::exception_ptr failure;
-    try {
-      base = co_await get(parent, "");
-    } catch (...) {
-      failure = std::current_exception();
-    }
-    if (failure) {
-      co_await put(id);
-      std::rethrow_exception(failure);
-    }
-  }
-  co_return std::pair{top, base};
-}
-
-core::Task<void> Driver::naive_release(const std::string& id, const std::string& parent) {
   co_await put(id);
-  if (!parent.empty()) co_await put(parent);
+  if (!base.empty()) co_await put(parent);
+  if (failure) std::rethrow_exception(failure);
+  co_return result;
 }
 
 std::vector<LayerInfo> Driver::layers() const {

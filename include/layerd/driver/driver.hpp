@@ -132,9 +132,12 @@ class Driver {
   void unsubscribe(std::uint64_t subscription);
 
  private:
-  core::Task<std::pair<std::string, std::string>> naive_mount(const std::string& id,
-                                                              const std::string& parent);
-  core::Task<void> naive_release(const std::string& id, const std::string& parent);
+  struct NaiveResult {
+    std::vector<Change> changes;
+    std::uint64_t size = 0;
+  };
+  core::Task<NaiveResult> naive_compare(const std::string& id, const std::string& parent,
+                                        archive::ByteSink* export_to, bool want_size);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
