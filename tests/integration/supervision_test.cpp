@@ -310,6 +310,35 @@ TEST_F(SupervisionTest, RmRfOfAMergedDirectoryIsSurvived) {
   EXPECT_FALSE(test::is_mounted(merged));
 }
 
+// --unmount-on-exit: Cleanup and shutdown unmount everything, as Docker's own driver does;
+// without it (the default, tested above) mounts outlive layerd.
+TEST_F(SupervisionTest, UnmountOnExitLeavesNoMountBehind) {
+  make_pair("rw");
+  make_pair("other");
+  run(driver_->shutdown());
+  driver::DriverConfig c;
+  c.default_home = home_;
+  c.run_dir = dir_ + "/run";
+  c.unmount_on_exit = true;
+  driver_ = std::make_unique<Driver>(c);
+  run(driver_->start());
+  const std::string a = run(driver_->get("rw", ""));
+  const std::string b = run(driver_->get("other", ""));
+  (void)run(driver_->get("other", ""));
+  run(driver_->cleanup());  // dockerd's Cleanup at its shutdown
+  EXPECT_FALSE(test::is_mounted(a));
+  EXPECT_FALSE(test::is_mounted(b));
+  EXPECT_EQ(test::fuse_servers_in(home_), 0u);
+  (void)run(driver_->get("rw", ""));
+  run(driver_->shutdown());  // SIGTERM's path
+  driver_.reset();
+  EXPECT_FALSE(test::is_mounted(a));
+  EXPECT_EQ(test::fuse_servers_in(home_), 0u);
+  EXPECT_EQ(test::mounts_under(home_).size(), 0u);
+  start();
+  EXPECT_EQ(driver_->active_mounts(), 0u);  // nothing to adopt
+}
+
 // A seeded random walk over Create/Get/Put/Remove/kill/restart on 50 layers, checked after
 // every step against a model: which layers exist, each refcount, what is mounted.
 TEST_F(SupervisionTest, RandomOperationsMatchTheModel) {
