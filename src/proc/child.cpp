@@ -425,7 +425,9 @@ core::Task<std::optional<ExitStatus>> Child::wait(core::CancelSource* cancel) {
 }
 
 core::Task<RunResult> run(SpawnOptions options, std::chrono::milliseconds deadline) {
-  Child child = Child::spawn(options);
+  // posix_spawn blocks until the child has exec'd (and PATH is searched with stat calls): done
+  // on a worker, so a storm of unmounts (one fusermount3 each) does not stall the loop.
+  Child child = co_await core::offload([&options] { return Child::spawn(options); });
   core::CancelSource cancel;
   std::optional<ExitStatus> status;
   {
