@@ -241,7 +241,14 @@ core::Task<void> Driver::Impl::mount(const std::string& id, const store::LayerRe
   auto slot = co_await spawn_slots.scoped(&stop);
   if (!slot) throw Error(ECANCELED, "layerd is shutting down");
   // posix_spawn waits for the child's exec: done on a worker so the loop keeps serving.
-  proc::Child child = co_await core::offload([&spawn] { return proc::Child::spawn(spawn); });
+  std::optional<proc::Child> spawned;
+  try {
+    spawned.emplace(co_await core::offload([&spawn] { return proc::Child::spawn(spawn); }));
+  } catch (const Error& e) {
+    // Out of descriptors or processes lands here: an error for this Get, naming the layer.
+    throw Error(e.errno_value(), "mounting layer " + id + ": " + e.context());
+  }
+  proc::Child child = std::move(*spawned);
   log_fd.reset();
   auto server = std::make_shared<Server>(std::move(child));
   server->log_path = log_path;
