@@ -177,7 +177,11 @@ core::Task<void> MountTable::read_once() {
       throw Error(EFBIG, std::string(kMountInfo) + " is larger than 64 MiB");
     text.append(buf.data(), static_cast<std::size_t>(n));
   }
-  assign(parse_mountinfo(text));
+  // Parsing a table of thousands of mounts takes long enough to delay other clients in a mount
+  // storm (one parse per change): done on a worker; the loop only takes the result.
+  std::vector<MountEntry> entries =
+      co_await core::offload([&text] { return parse_mountinfo(text); });
+  assign(std::move(entries));
 }
 
 }  // namespace layerd::watch
