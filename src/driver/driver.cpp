@@ -877,20 +877,24 @@ core::Task<std::map<std::string, std::string>> Driver::metadata(std::string id) 
   std::map<std::string, std::string> meta{
       {"WorkDir", dir + "/work"}, {"MergedDir", dir + "/merged"}, {"UpperDir", dir + "/diff"}};
   // LowerDir: each lower's link resolved to its absolute diff directory, as the seed reports it.
-  std::string lower_dirs;
-  for (const std::string& lower : record.lowers) {
-    char target[PATH_MAX];
-    const std::string link = d.home + "/" + lower;
-    ssize_t n = ::readlink(link.c_str(), target, sizeof target - 1);
-    if (n < 0) throw Error(errno, "layer " + id + ": reading the lower link " + link);
-    target[n] = '\0';
-    std::string resolved = d.home + "/l/" + target;
-    // "HOME/l/../ID/diff" -> "HOME/ID/diff"
-    const std::string up = d.home + "/l/../";
-    if (resolved.compare(0, up.size(), up) == 0) resolved = d.home + "/" + resolved.substr(up.size());
-    if (!lower_dirs.empty()) lower_dirs += ':';
-    lower_dirs += resolved;
-  }
+  // Up to 128 readlinks: on a worker.
+  const std::string lower_dirs = co_await core::offload([home = d.home, lowers = record.lowers, id] {
+    std::string out;
+    for (const std::string& lower : lowers) {
+      char target[PATH_MAX];
+      const std::string link = home + "/" + lower;
+      ssize_t n = ::readlink(link.c_str(), target, sizeof target - 1);
+      if (n < 0) throw Error(errno, "layer " + id + ": reading the lower link " + link);
+      target[n] = '\0';
+      std::string resolved = home + "/l/" + target;
+      // "HOME/l/../ID/diff" -> "HOME/ID/diff"
+      const std::string up = home + "/l/../";
+      if (resolved.compare(0, up.size(), up) == 0) resolved = home + "/" + resolved.substr(up.size());
+      if (!out.empty()) out += ':';
+      out += resolved;
+    }
+    return out;
+  });
   if (!lower_dirs.empty()) meta["LowerDir"] = lower_dirs;
   co_return meta;
 }
@@ -898,9 +902,10 @@ core::Task<std::map<std::string, std::string>> Driver::metadata(std::string id) 
 core::Task<std::vector<std::pair<std::string, std::string>>> Driver::status() {
   Impl& d = *impl_;
   d.require_started();
-  struct statfs fs {};
-  std::string backing = "unknown";
-  if (::statfs(d.home.c_str(), &fs) == 0) backing = filesystem_name(fs.f_type);
+  const std::string backing = co_await core::offload([home = d.home] {
+    struct statfs fs {};
+    return ::statfs(home.c_str(), &fs) == 0 ? filesystem_name(fs.f_type) : std::string("unknown");
+  });
   std::size_t failed = 0;
   for (const auto& [id, state] : d.mounts) failed += state.failed ? 1 : 0;
   co_return std::vector<std::pair<std::string, std::string>>{
