@@ -23,6 +23,7 @@
 #include "layerd/core/loop.hpp"
 #include "layerd/driver/driver.hpp"
 #include "layerd/sys/error.hpp"
+#include "driver_fixture.hpp"
 #include "test_support.hpp"
 
 namespace fs = std::filesystem;
@@ -98,50 +99,25 @@ void must(int r, const std::string& what) {
   if (r != 0) throw std::runtime_error(what + ": " + std::strerror(errno));
 }
 
-class DiffTest : public ::testing::Test {
+class DiffTest : public test::DriverFixture {
  protected:
+  DiffTest() : DriverFixture("diff") {}
+
   void SetUp() override {
-    if (auto reason = test::fuse_unavailable_reason()) GTEST_SKIP() << *reason;
-    dir_ = test::make_temp_dir("layerd-diff");
-    home_ = dir_ + "/home";
-    run_ = dir_ + "/run";
+    DriverFixture::SetUp();
+    if (IsSkipped()) return;
     outside_ = dir_ + "/outside";
     write_file(outside_ + "/secret", "secret\n");
-    loop_ = std::make_unique<core::Loop>();
-    driver::DriverConfig c;
-    c.default_home = home_;
-    c.run_dir = run_;
-    driver_ = std::make_unique<Driver>(c);
-    loop_->block_on(driver_->start());
   }
 
   void TearDown() override {
-    if (!loop_) return;
-    for (const auto& layer : driver_->layers())
-      for (int i = 0; i < layer.refcount; ++i) put(layer.id);
-    loop_->block_on(driver_->shutdown());
-    driver_.reset();
-    EXPECT_EQ(test::mounts_under(dir_), std::vector<std::string>{});
-    EXPECT_EQ(test::fuse_servers_in(home_), 0u);
-    // Nothing outside the home was ever touched.
-    EXPECT_EQ(test::listing(outside_), std::vector<std::string>{"secret file 7"});
-    for (const auto& m : test::mounts_under(dir_)) (void)::umount2(m.c_str(), MNT_DETACH);
-    loop_.reset();
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
+    if (loop_) {
+      stop_driver();
+      // Nothing outside the home was ever touched.
+      EXPECT_EQ(test::listing(outside_), std::vector<std::string>{"secret file 7"});
+    }
+    DriverFixture::TearDown();
   }
-
-  template <typename T>
-  T run(core::Task<T> task) {
-    return loop_->block_on(std::move(task));
-  }
-
-  void create(const std::string& id, const std::string& parent = "", bool rw = false) {
-    run(driver_->create(CreateRequest{id, parent, "", {}, rw}));
-  }
-  std::string get(const std::string& id) { return run(driver_->get(id, "")); }
-  void put(const std::string& id) { run(driver_->put(id)); }
-  std::string diff_dir(const std::string& id) const { return home_ + "/" + id + "/diff"; }
 
   std::uint64_t apply(const std::string& id, const std::string& parent, std::vector<std::byte> tar) {
     MemorySource source(std::move(tar), 1 << 16, /*yield=*/true);
@@ -202,9 +178,7 @@ class DiffTest : public ::testing::Test {
     write_file(m + "/d/new", "");
   }
 
-  std::string dir_, home_, run_, outside_;
-  std::unique_ptr<core::Loop> loop_;
-  std::unique_ptr<Driver> driver_;
+  std::string outside_;
 };
 
 TEST_F(DiffTest, ApplyDiffIntoAChainReadsThroughTheMergedView) {

@@ -24,6 +24,7 @@
 #include "layerd/core/scope.hpp"
 #include "layerd/driver/driver.hpp"
 #include "layerd/sys/error.hpp"
+#include "driver_fixture.hpp"
 #include "test_support.hpp"
 
 namespace fs = std::filesystem;
@@ -36,80 +37,10 @@ using test::write_file;
 
 namespace {
 
-class DriverTest : public ::testing::Test {
+class DriverTest : public test::DriverFixture {
  protected:
-  void SetUp() override {
-    if (auto reason = test::fuse_unavailable_reason()) GTEST_SKIP() << *reason;
-    dir_ = test::make_temp_dir("layerd-driver");
-    home_ = dir_ + "/home";
-    run_ = dir_ + "/run";
-    loop_ = std::make_unique<core::Loop>();
-    start_driver();
-  }
-
-  void TearDown() override {
-    if (!loop_) return;
-    stop_driver();
-    // Nothing may be left: no mount under the home, no FUSE server serving it.
-    EXPECT_EQ(test::mounts_under(dir_), std::vector<std::string>{});
-    EXPECT_EQ(test::fuse_servers_in(home_), 0u);
-    for (const auto& m : test::mounts_under(dir_)) (void)::umount2(m.c_str(), MNT_DETACH);
-    loop_.reset();
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
-
-  driver::DriverConfig config() const {
-    driver::DriverConfig c;
-    c.default_home = home_;
-    c.run_dir = run_;
-    return c;
-  }
-
-  void start_driver() {
-    driver_ = std::make_unique<Driver>(config());
-    driver_->subscribe([this](const driver::Event& e) { events_.push_back(e.type + " " + e.layer); });
-    loop_->block_on(driver_->start());
-  }
-
-  void stop_driver() {
-    if (!driver_) return;
-    // Release whatever a test still holds, so the last Put unmounts it.
-    for (const auto& layer : driver_->layers())
-      for (int i = 0; i < layer.refcount; ++i) put(layer.id);
-    loop_->block_on(driver_->shutdown());
-    driver_.reset();
-  }
-
-  template <typename T>
-  T run(core::Task<T> task) {
-    return loop_->block_on(std::move(task));
-  }
-
-  void create(const std::string& id, const std::string& parent = "", bool rw = false) {
-    run(driver_->create(CreateRequest{id, parent, "", {}, rw}));
-  }
-  std::string get(const std::string& id) { return run(driver_->get(id, "")); }
-  void put(const std::string& id) { run(driver_->put(id)); }
-
-  std::string diff(const std::string& id) const { return home_ + "/" + id + "/diff"; }
-
-  const driver::LayerInfo* info(const std::string& id) {
-    layers_ = driver_->layers();
-    for (const auto& l : layers_)
-      if (l.id == id) return &l;
-    return nullptr;
-  }
-
-  bool saw_event(const std::string& text) const {
-    return std::find(events_.begin(), events_.end(), text) != events_.end();
-  }
-
-  std::string dir_, home_, run_;
-  std::unique_ptr<core::Loop> loop_;
-  std::unique_ptr<Driver> driver_;
-  std::vector<std::string> events_;
-  std::vector<driver::LayerInfo> layers_;
+  DriverTest() : DriverFixture("driver") {}
+  std::string diff(const std::string& id) const { return diff_dir(id); }
 };
 
 TEST_F(DriverTest, LayoutMatchesTheSeedDriver) {
@@ -349,7 +280,7 @@ TEST_F(DriverTest, DockerDataRootOpensAndMountsUnchanged) {
   fs::create_symlink("../ctr/diff", docker_home + "/l/" + link_b);
   const auto before = test::listing(docker_home);
 
-  start_driver();
+  start_driver(config());
   run(driver_->init(driver::InitRequest{docker_home, {}, {}, {}}));
   EXPECT_TRUE(run(driver_->exists("img")));
   const std::string merged = run(driver_->get("ctr", ""));
@@ -454,7 +385,7 @@ TEST_F(DriverTest, MountsSurviveARestartWithTheirRefcounts) {
   EXPECT_TRUE(test::is_mounted(merged));
   EXPECT_EQ(read_file(merged + "/f"), "survives");
 
-  start_driver();
+  start_driver(config());
   const auto* adopted = info("rw");
   ASSERT_NE(adopted, nullptr);
   EXPECT_TRUE(adopted->mounted);
@@ -480,7 +411,7 @@ TEST_F(DriverTest, RestartReturnsToTheHomeOfTheLastInit) {
   loop_->block_on(driver_->shutdown());
   driver_.reset();
 
-  start_driver();  // default home: home_
+  start_driver(config());  // default home: home_
   EXPECT_EQ(driver_->home(), docker_home);
   EXPECT_TRUE(run(driver_->exists("base")));
   const auto* adopted = info("rw");
@@ -494,7 +425,7 @@ TEST_F(DriverTest, RestartReturnsToTheHomeOfTheLastInit) {
   // A recorded home that no longer exists falls back to the default one.
   stop_driver();
   fs::remove_all(docker_home);
-  start_driver();
+  start_driver(config());
   EXPECT_EQ(driver_->home(), home_);
 }
 

@@ -20,6 +20,7 @@
 #include "layerd/core/ops.hpp"
 #include "layerd/driver/driver.hpp"
 #include "layerd/sys/error.hpp"
+#include "driver_fixture.hpp"
 #include "test_support.hpp"
 
 namespace fs = std::filesystem;
@@ -34,69 +35,23 @@ namespace {
 
 core::Task<void> sleep_for(std::chrono::milliseconds d) { (void)co_await core::sleep(d); }
 
-class SupervisionTest : public ::testing::Test {
+class SupervisionTest : public test::DriverFixture {
  protected:
-  void SetUp() override {
-    if (auto reason = test::fuse_unavailable_reason()) GTEST_SKIP() << *reason;
-    dir_ = test::make_temp_dir("layerd-supervision");
-    home_ = dir_ + "/home";
-    loop_ = std::make_unique<core::Loop>();
-    start();
-  }
+  SupervisionTest() : DriverFixture("supervision") {}
 
-  void TearDown() override {
-    if (!loop_) return;
-    if (driver_) {
-      for (const auto& layer : driver_->layers())
-        for (int i = 0; i < layer.refcount; ++i) run(driver_->put(layer.id));
-      run(driver_->shutdown());
-      driver_.reset();
-    }
-    EXPECT_EQ(test::mounts_under(dir_), std::vector<std::string>{});
-    EXPECT_EQ(test::fuse_servers_in(home_), 0u);
-    for (const auto& m : test::mounts_under(dir_)) (void)::umount2(m.c_str(), MNT_DETACH);
-    loop_.reset();
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
-
-  void start(driver::HealPolicy policy = driver::HealPolicy::kRemount,
-             const std::string& fuse_overlayfs = "fuse-overlayfs") {
-    driver::DriverConfig c;
-    c.default_home = home_;
-    c.run_dir = dir_ + "/run";
+  driver::DriverConfig with(driver::HealPolicy policy,
+                            const std::string& fuse_overlayfs = "fuse-overlayfs") const {
+    driver::DriverConfig c = config();
     c.heal_policy = policy;
     c.fuse_overlayfs = fuse_overlayfs;
-    driver_ = std::make_unique<Driver>(c);
-    driver_->subscribe([this](const driver::Event& e) { events_.push_back(e.type + " " + e.layer); });
-    run(driver_->start());
+    return c;
   }
-
+  void start(driver::HealPolicy policy = driver::HealPolicy::kRemount,
+             const std::string& fuse_overlayfs = "fuse-overlayfs") {
+    start_driver(with(policy, fuse_overlayfs));
+  }
   void restart(driver::HealPolicy policy = driver::HealPolicy::kRemount) {
-    run(driver_->shutdown());
-    driver_.reset();
-    start(policy);
-  }
-
-  template <typename T>
-  T run(core::Task<T> task) {
-    return loop_->block_on(std::move(task));
-  }
-
-  const driver::LayerInfo* info(const std::string& id) {
-    layers_ = driver_->layers();
-    for (const auto& l : layers_)
-      if (l.id == id) return &l;
-    return nullptr;
-  }
-
-  // Runs the loop until `condition` holds (or ~5 s pass).
-  bool wait_until(const std::function<bool()>& condition) {
-    for (int i = 0; i < 1000; ++i) {
-      if (condition()) return true;
-      run(sleep_for(5ms));
-    }
-    return condition();
+    DriverFixture::restart(with(policy));
   }
 
   void make_pair(const std::string& id) {
@@ -106,12 +61,6 @@ class SupervisionTest : public ::testing::Test {
     }
     run(driver_->create(CreateRequest{id, "base", "", {}, true}));
   }
-
-  std::string dir_, home_;
-  std::unique_ptr<core::Loop> loop_;
-  std::unique_ptr<Driver> driver_;
-  std::vector<std::string> events_;
-  std::vector<driver::LayerInfo> layers_;
 };
 
 TEST_F(SupervisionTest, KilledServerHealsOneHundredTimes) {
