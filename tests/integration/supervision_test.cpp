@@ -84,7 +84,9 @@ TEST_F(SupervisionTest, KilledServerHealsOneHundredTimes) {
     EXPECT_EQ(test::mounts_under(home_).size(), 1u);
   }
   EXPECT_EQ(info("rw")->refcount, 1);
-  EXPECT_GE(driver_->metrics().remounts, 100u);
+  // The metric follows the remount a moment later (the heal finishes after the mount is up).
+  EXPECT_TRUE(wait_until([&] { return driver_->metrics().remounts >= 100u; }))
+      << driver_->metrics().remounts;
   std::sort(heal_ms.begin(), heal_ms.end());
   std::printf("kill -9 to readable remount: p50 %.2f ms, p99 %.2f ms, max %.2f ms (100 rounds)\n",
               heal_ms[49], heal_ms[98], heal_ms[99]);
