@@ -340,13 +340,18 @@ Task<bool> Store::exists(std::string_view id) {
   co_return type == S_IFDIR;
 }
 
-Task<LayerRecord> Store::load(std::string_view id_view) {
-  validate_id(id_view);
-  std::string id(id_view);
+// Throws ENOENT "layer ID does not exist" unless HOME/ID is a directory.
+Task<void> Store::require_layer_dir(const std::string& id) {
   int type = co_await file_type(home_fd(), id);
   if (type == -ENOENT || (type >= 0 && type != S_IFDIR))
     throw Error(ENOENT, "layer " + id + " does not exist");
   if (type < 0) throw Error(type, "inspecting layer " + id);
+}
+
+Task<LayerRecord> Store::load(std::string_view id_view) {
+  validate_id(id_view);
+  std::string id(id_view);
+  co_await require_layer_dir(id);
 
   LayerRecord rec;
   rec.id = id;
@@ -580,10 +585,7 @@ Task<Store::RepairReport> Store::repair() {
 Task<std::string> Store::make_staging_dir(std::string_view id_view) {
   validate_id(id_view);
   std::string id(id_view);
-  int type = co_await file_type(home_fd(), id);
-  if (type == -ENOENT || (type >= 0 && type != S_IFDIR))
-    throw Error(ENOENT, "layer " + id + " does not exist");
-  if (type < 0) throw Error(type, "inspecting layer " + id);
+  co_await require_layer_dir(id);
   std::string name = std::string(kStagingPrefix) + "apply-" + id + "-" + random_suffix();
   co_await make_dir(name, 0755, "creating staging directory for layer " + id);
   co_return home_ + "/" + name;

@@ -98,14 +98,7 @@ start_dockerd() {
   DOCKERD_ARGS[$name]="${args[*]}"
   dockerd "${args[@]}" >>"$dir/dockerd.log" 2>&1 &
   DOCKERD_PID[$name]=$!
-  local i
-  for i in $(seq 300); do
-    if "$DOCKER_CLI" -H "unix://$dir/docker.sock" version >/dev/null 2>&1; then return 0; fi
-    kill -0 "${DOCKERD_PID[$name]}" 2>/dev/null || break
-    sleep 0.1
-  done
-  echo "dockerd $name did not come up; its log:"; grep -v module=grpc "$dir/dockerd.log" | tail -20
-  return 1
+  wait_dockerd "$name" "did not come up"
 }
 
 # restart_dockerd NAME: SIGTERM and start again with the same flags.
@@ -115,13 +108,18 @@ restart_dockerd() {
   # shellcheck disable=SC2086 # the saved flags hold no spaces (temporary paths)
   dockerd ${DOCKERD_ARGS[$name]} >>"$dir/dockerd.log" 2>&1 &
   DOCKERD_PID[$name]=$!
-  local i
+  wait_dockerd "$name" "did not come back"
+}
+
+# wait_dockerd NAME WHAT: until dockerd NAME answers (about 30 s), or report WHAT with its log.
+wait_dockerd() {
+  local name=$1 dir=$T/$1 i
   for i in $(seq 300); do
     if "$DOCKER_CLI" -H "unix://$dir/docker.sock" version >/dev/null 2>&1; then return 0; fi
     kill -0 "${DOCKERD_PID[$name]}" 2>/dev/null || break
     sleep 0.1
   done
-  echo "dockerd $name did not come back; its log:"; grep -v module=grpc "$dir/dockerd.log" | tail -20
+  echo "dockerd $name $2; its log:"; grep -v module=grpc "$dir/dockerd.log" | tail -20
   return 1
 }
 

@@ -85,8 +85,8 @@ bool is_mounted(const std::string& mount_point) {
   return std::find(mounts.begin(), mounts.end(), mount_point) != mounts.end();
 }
 
-std::size_t fuse_servers_in(const std::string& home) {
-  std::size_t count = 0;
+std::vector<pid_t> fuse_server_pids(const std::string& home) {
+  std::vector<pid_t> pids;
   std::error_code ec;
   const std::string canonical = fs::weakly_canonical(home, ec).string();
   for (const auto& entry : fs::directory_iterator("/proc", ec)) {
@@ -104,10 +104,12 @@ std::size_t fuse_servers_in(const std::string& home) {
     const std::string target = cmdline.substr(cmdline.rfind('\0') + 1);
     if ((target.rfind(canonical + "/", 0) == 0 || target.rfind(home + "/", 0) == 0) &&
         process_exists(std::stoi(name)))
-      ++count;
+      pids.push_back(std::stoi(name));
   }
-  return count;
+  return pids;
 }
+
+std::size_t fuse_servers_in(const std::string& home) { return fuse_server_pids(home).size(); }
 
 bool process_exists(pid_t pid) {
   std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");

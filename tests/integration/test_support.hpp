@@ -21,7 +21,8 @@ std::vector<std::string> listing(const std::string& root);
 // Mount points at or below `prefix`, from /proc/self/mountinfo.
 std::vector<std::string> mounts_under(const std::string& prefix);
 bool is_mounted(const std::string& mount_point);
-// fuse-overlayfs processes serving a mountpoint under `home`.
+// Pids of live fuse-overlayfs processes serving a mountpoint under `home` (their last argument).
+std::vector<pid_t> fuse_server_pids(const std::string& home);
 std::size_t fuse_servers_in(const std::string& home);
 // True if `pid` exists and is not a zombie.
 bool process_exists(pid_t pid);

@@ -71,26 +71,7 @@ std::size_t fd_count(pid_t pid) {
   return n;
 }
 
-// Pids of fuse-overlayfs processes whose mountpoint (last argument) is under `home`.
-std::vector<pid_t> fuse_server_pids(const std::string& home) {
-  std::vector<pid_t> pids;
-  for (const auto& entry : fs::directory_iterator("/proc")) {
-    const std::string name = entry.path().filename().string();
-    if (!std::all_of(name.begin(), name.end(), ::isdigit)) continue;
-    std::ifstream comm(entry.path() / "comm");
-    std::string command;
-    std::getline(comm, command);
-    if (command != "fuse-overlayfs") continue;
-    std::ifstream f(entry.path() / "cmdline");
-    std::string cmdline((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-    while (!cmdline.empty() && cmdline.back() == '\0') cmdline.pop_back();
-    std::string target = cmdline.substr(cmdline.rfind('\0') + 1);
-    if (target.rfind(home + "/", 0) == 0 && layerd::test::process_exists(std::stoi(name))) {
-      pids.push_back(std::stoi(name));
-    }
-  }
-  return pids;
-}
+using layerd::test::fuse_server_pids;
 
 // Failures seen by worker threads, reported once at the end of a test.
 class Failures {

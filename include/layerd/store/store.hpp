@@ -153,6 +153,7 @@ class Store {
  private:
   std::string staging_name_for(std::string_view staging_dir, std::string_view id) const;
   core::Task<void> make_dir(std::string rel, unsigned mode, std::string context);
+  core::Task<void> require_layer_dir(const std::string& id);
   core::Task<void> delete_tree(std::string name, std::string context);
   core::Task<void> undo_create(std::string staging, std::string link_path, bool renamed,
                                std::string id);
