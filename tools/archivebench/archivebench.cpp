@@ -2,7 +2,7 @@
 // alternating rounds; medians with min and max.
 //
 //   archivebench [--dir /dev/shm/archivebench] [--rounds 5] [--files 20000] [--big-mib 1024]
-//                [--parent-files 100000] [--only apply|diff]
+//                [--parent-files 100000] [--only apply|small|big|diff]
 //
 // apply: apply_tar of a many-small-file layer and of a 1 GiB layer of 8 files.
 // diff: Diff and Changes of a layer with 3 changed files over a large parent, native (the upper
@@ -265,7 +265,8 @@ int main(int argc, char** argv) {
   auto cleanup = [&](const std::string& target) { std::filesystem::remove_all(target); };
 
   std::map<std::string, Stats> small, big;
-  for (int r = 0; r < rounds; ++r) {
+  const bool run_small = only != "big", run_big = only != "small";
+  for (int r = 0; r < rounds && run_small; ++r) {
     // A B C A B C: alternate so drift hits every method alike.
     std::string t = fresh();
     small["layerd apply_tar"].values.push_back(files / seconds_of([&] { layerd_apply(small_tar, t); }));
@@ -280,7 +281,7 @@ int main(int argc, char** argv) {
   double mb = static_cast<double>(big_file) * 8 / 1e6;
   ::getrusage(RUSAGE_SELF, &before);
   std::printf("peak RSS after the small applies: %ld KiB\n", before.ru_maxrss);
-  for (int r = 0; r < rounds; ++r) {
+  for (int r = 0; r < rounds && run_big; ++r) {
     std::string t = fresh();
     big["layerd apply_tar"].values.push_back(mb / seconds_of([&] { layerd_apply(big_tar, t); }));
     cleanup(t);
@@ -291,16 +292,20 @@ int main(int argc, char** argv) {
   rusage usage{};
   ::getrusage(RUSAGE_SELF, &usage);
   std::printf("dir %s, %d rounds, medians (min-max)\n", dir.c_str(), rounds);
-  std::printf("small: %d files of 200 bytes in %d dirs (entries/s)\n", files, files / 200);
-  for (auto& [name, s] : small)
-    std::printf("  %-22s %9.0f (%.0f-%.0f)\n", name.c_str(), s.median(), s.min(), s.max());
-  std::printf("  ratio layerd / GNU tar: %.2f, layerd / bsdtar: %.2f\n",
-              small["layerd apply_tar"].median() / small["GNU tar -xf"].median(),
-              small["layerd apply_tar"].median() / small["bsdtar -xf"].median());
-  std::printf("big: 8 files, %.0f MB (MB/s)\n", mb);
-  for (auto& [name, s] : big)
-    std::printf("  %-22s %9.0f (%.0f-%.0f)\n", name.c_str(), s.median(), s.min(), s.max());
-  std::printf("  ratio layerd / cat: %.2f\n", big["layerd apply_tar"].median() / big["cat layer.tar > file"].median());
+  if (run_small) {
+    std::printf("small: %d files of 200 bytes in %d dirs (entries/s)\n", files, files / 200);
+    for (auto& [name, s] : small)
+      std::printf("  %-22s %9.0f (%.0f-%.0f)\n", name.c_str(), s.median(), s.min(), s.max());
+    std::printf("  ratio layerd / GNU tar: %.2f, layerd / bsdtar: %.2f\n",
+                small["layerd apply_tar"].median() / small["GNU tar -xf"].median(),
+                small["layerd apply_tar"].median() / small["bsdtar -xf"].median());
+  }
+  if (run_big) {
+    std::printf("big: 8 files, %.0f MB (MB/s)\n", mb);
+    for (auto& [name, s] : big)
+      std::printf("  %-22s %9.0f (%.0f-%.0f)\n", name.c_str(), s.median(), s.min(), s.max());
+    std::printf("  ratio layerd / cat: %.2f\n", big["layerd apply_tar"].median() / big["cat layer.tar > file"].median());
+  }
   std::printf("peak RSS of this process (applies only): %ld KiB\n", usage.ru_maxrss);
   std::filesystem::remove_all(dir);
   if (only.empty()) return diff_bench(loop, dir + "/diff", rounds, parent_files);
