@@ -242,8 +242,16 @@ core::Task<void> Driver::Impl::mount(const std::string& id, const store::LayerRe
   if (!slot) throw Error(ECANCELED, "layerd is shutting down");
   // posix_spawn waits for the child's exec: done on a worker so the loop keeps serving.
   std::optional<proc::Child> spawned;
+  long long start_time = 0;
   try {
-    spawned.emplace(co_await core::offload([&spawn] { return proc::Child::spawn(spawn); }));
+    // The start time (for adoption after a restart) is read there too: reading
+    // /proc/PID/stat waits for the child's exec to finish with its memory map, which under
+    // load takes milliseconds the loop must not spend.
+    spawned.emplace(co_await core::offload([&spawn, &start_time] {
+      proc::Child child = proc::Child::spawn(spawn);
+      start_time = proc::process_start_time(child.pid());
+      return child;
+    }));
   } catch (const Error& e) {
     // Out of descriptors or processes lands here: an error for this Get, naming the layer.
     throw Error(e.errno_value(), "mounting layer " + id + ": " + e.context());
@@ -252,7 +260,7 @@ core::Task<void> Driver::Impl::mount(const std::string& id, const store::LayerRe
   log_fd.reset();
   auto server = std::make_shared<Server>(std::move(child));
   server->log_path = log_path;
-  server->start_time = proc::process_start_time(server->child.pid());
+  server->start_time = start_time;
 
   core::CancelSource readiness;
   server->readiness = &readiness;
