@@ -109,10 +109,11 @@ std::string error_kind(int status, const std::string& body) {
 struct Runner::Conn {
   enum class State { kDisconnected, kConnecting, kIdle, kBusy };
 
-  Conn(Runner& r, bool prober) : runner(r), is_prober(prober) {
-    uv_timer_init(&runner.loop_, &timer);
+  // The prober runs on the monitor's loop, every other connection on the runner's.
+  Conn(Runner& r, uv_loop_t* l, bool prober) : runner(r), loop(l), is_prober(prober) {
+    uv_timer_init(loop, &timer);
     timer.data = this;
-    uv_timer_init(&runner.loop_, &retry_timer);
+    uv_timer_init(loop, &retry_timer);
     retry_timer.data = this;
   }
 
@@ -124,6 +125,7 @@ struct Runner::Conn {
   };
 
   Runner& runner;
+  uv_loop_t* loop;
   bool is_prober;
   State state = State::kDisconnected;
   uv_pipe_t* pipe = nullptr;  // heap; freed in its close callback
@@ -141,7 +143,7 @@ struct Runner::Conn {
   void connect() {
     state = State::kConnecting;
     pipe = new uv_pipe_t;
-    uv_pipe_init(&runner.loop_, pipe, 0);
+    uv_pipe_init(loop, pipe, 0);
     pipe->data = this;
     connect_req.data = this;
     uv_pipe_connect(&connect_req, pipe, runner.options_.socket.c_str(), &Conn::on_connect);
@@ -170,7 +172,7 @@ struct Runner::Conn {
       // ends, then retry the connection a little later.
       c->abandon_sequence(fmt::format("connect: {}", uv_err_name(status)));
       uv_timer_start(&c->retry_timer, &Conn::on_retry, 100, 0);
-      c->runner.maybe_finish_phase();
+      if (!c->is_prober) c->runner.maybe_finish_phase();
       return;
     }
     c->state = State::kIdle;
@@ -344,34 +346,26 @@ struct Runner::Conn {
 Runner::Runner(Options options) : options_(std::move(options)) {
   uv_loop_init(&loop_);
   uv_timer_init(&loop_, &tick_timer_);
-  uv_timer_init(&loop_, &sample_timer_);
-  uv_timer_init(&loop_, &probe_timer_);
-  tick_timer_.data = sample_timer_.data = probe_timer_.data = this;
+  tick_timer_.data = this;
 }
 
 Runner::~Runner() { stop(); }
 
 void Runner::start() {
   started_ns_ = uv_hrtime();
-  int pending = options_.connections + (options_.health_interval_ms > 0 ? 1 : 0);
+  int pending = options_.connections;
   int failed_status = 0;
   auto connected = [&](int status) {
     if (status < 0) failed_status = status;
     if (--pending == 0) uv_stop(&loop_);
   };
   for (int i = 0; i < options_.connections; ++i) {
-    conns_.push_back(std::make_unique<Conn>(*this, false));
+    conns_.push_back(std::make_unique<Conn>(*this, &loop_, false));
     conns_.back()->on_connected = connected;
     conns_.back()->connect();
   }
-  if (options_.health_interval_ms > 0) {
-    prober_ = std::make_unique<Conn>(*this, true);
-    prober_->on_connected = connected;
-    prober_->connect();
-  }
-  uv_run(&loop_, UV_RUN_DEFAULT);
+  if (pending > 0) uv_run(&loop_, UV_RUN_DEFAULT);
   for (auto& c : conns_) c->on_connected = nullptr;
-  if (prober_) prober_->on_connected = nullptr;
   if (failed_status < 0) {
     throw HttpError(layerd::tools::HttpErrorKind::kConnect,
                     fmt::format("cannot connect to {}: {}", options_.socket,
@@ -379,7 +373,7 @@ void Runner::start() {
   }
   if (options_.pid > 0) {
     pid_ = options_.pid;
-  } else {
+  } else if (!conns_.empty()) {
     // The daemon is the socket's peer.
     uv_os_fd_t fd = -1;
     if (uv_fileno(reinterpret_cast<uv_handle_t*>(conns_.front()->pipe), &fd) == 0) {
@@ -388,37 +382,74 @@ void Runner::start() {
       if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) pid_ = cred.pid;
     }
   }
-  if (options_.sample_interval_ms > 0 && pid_ > 0) {
+  start_monitor();
+}
+
+// The prober and the sampler run on a thread and a loop of their own: a health probe is answered
+// as soon as layerd answers, not when the load's loop gets round to it (with 1,000 connections
+// busy it may be milliseconds later), and reading /proc/PID/fd of a daemon holding thousands of
+// descriptors does not stall the load.
+void Runner::start_monitor() {
+  bool probing = options_.health_interval_ms > 0;
+  bool sampling = options_.sample_interval_ms > 0 && pid_ > 0;
+  if (!probing && !sampling) return;
+  uv_loop_init(&monitor_loop_);
+  uv_async_init(&monitor_loop_, &monitor_stop_, &Runner::on_monitor_stop);
+  monitor_stop_.data = this;
+  uv_timer_init(&monitor_loop_, &sample_timer_);
+  uv_timer_init(&monitor_loop_, &probe_timer_);
+  sample_timer_.data = probe_timer_.data = this;
+  if (sampling) {
     sample();
     auto every = static_cast<std::uint64_t>(options_.sample_interval_ms);
     uv_timer_start(&sample_timer_, &Runner::on_sample_timer, every, every);
   }
-  if (prober_) {
+  if (probing) {
+    prober_ = std::make_unique<Conn>(*this, &monitor_loop_, true);
+    prober_->connect();
     auto every = static_cast<std::uint64_t>(std::max(1.0, options_.health_interval_ms));
     uv_timer_start(&probe_timer_, &Runner::on_probe_timer, every, every);
   }
+  monitor_ = std::thread([this] { uv_run(&monitor_loop_, UV_RUN_DEFAULT); });
+}
+
+void Runner::on_monitor_stop(uv_async_t* async) {
+  auto* r = static_cast<Runner*>(async->data);
+  auto close_handle = [](uv_handle_t* h) {
+    if (!uv_is_closing(h)) uv_close(h, nullptr);
+  };
+  close_handle(reinterpret_cast<uv_handle_t*>(&r->sample_timer_));
+  close_handle(reinterpret_cast<uv_handle_t*>(&r->probe_timer_));
+  if (r->prober_) {
+    r->prober_->drop_pipe();
+    close_handle(reinterpret_cast<uv_handle_t*>(&r->prober_->timer));
+    close_handle(reinterpret_cast<uv_handle_t*>(&r->prober_->retry_timer));
+  }
+  close_handle(reinterpret_cast<uv_handle_t*>(async));
 }
 
 void Runner::stop() {
   if (stopping_ && closed_) return;
   stopping_ = true;
+  if (monitor_.joinable()) {
+    // The monitor's loop ends once its handles are closed (by on_monitor_stop, on its thread).
+    uv_async_send(&monitor_stop_);
+    monitor_.join();
+    (void)uv_loop_close(&monitor_loop_);
+  }
+  prober_.reset();
   auto close_handle = [](uv_handle_t* h) {
     if (!uv_is_closing(h)) uv_close(h, nullptr);
   };
   close_handle(reinterpret_cast<uv_handle_t*>(&tick_timer_));
-  close_handle(reinterpret_cast<uv_handle_t*>(&sample_timer_));
-  close_handle(reinterpret_cast<uv_handle_t*>(&probe_timer_));
-  auto close_conn = [&](Conn& c) {
-    c.drop_pipe();
-    close_handle(reinterpret_cast<uv_handle_t*>(&c.timer));
-    close_handle(reinterpret_cast<uv_handle_t*>(&c.retry_timer));
-  };
-  for (auto& c : conns_) close_conn(*c);
-  if (prober_) close_conn(*prober_);
+  for (auto& c : conns_) {
+    c->drop_pipe();
+    close_handle(reinterpret_cast<uv_handle_t*>(&c->timer));
+    close_handle(reinterpret_cast<uv_handle_t*>(&c->retry_timer));
+  }
   // Let every close callback run before the connections' memory goes.
   uv_run(&loop_, UV_RUN_DEFAULT);
   conns_.clear();
-  prober_.reset();
   (void)uv_loop_close(&loop_);
   closed_ = true;
 }

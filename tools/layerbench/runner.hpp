@@ -1,16 +1,19 @@
 // layerbench's engine on libuv: a pool of keep-alive HTTP/1.1 connections to layerd's unix
 // socket (uv_pipe_connect), phases of call sequences spread over them, a health prober on its own
-// connection, and a sampler of layerd's RSS and fd count. Independent of layerd's own loop.
+// connection, and a sampler of layerd's RSS and fd count (both on a thread and loop of their own,
+// so the load's own work does not delay them). Independent of layerd's own loop.
 #pragma once
 
 #include <uv.h>
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -131,12 +134,19 @@ class Runner {
   static void on_tick(uv_timer_t* timer);
   static void on_sample_timer(uv_timer_t* timer);
   static void on_probe_timer(uv_timer_t* timer);
+  static void on_monitor_stop(uv_async_t* async);
+  void start_monitor();
 
   Options options_;
   uv_loop_t loop_{};
   std::vector<std::unique_ptr<Conn>> conns_;
-  std::unique_ptr<Conn> prober_;
   uv_timer_t tick_timer_{};
+  // The monitor: prober and sampler on their own thread and loop (see start_monitor). What they
+  // record (health_, samples_) is read only after stop() joined the thread.
+  uv_loop_t monitor_loop_{};
+  uv_async_t monitor_stop_{};
+  std::thread monitor_;
+  std::unique_ptr<Conn> prober_;
   uv_timer_t sample_timer_{};
   uv_timer_t probe_timer_{};
   pid_t pid_ = 0;
@@ -151,7 +161,7 @@ class Runner {
   double tokens_ = 0;
   std::uint64_t last_token_ns_ = 0;
   int work_pending_ = 0;
-  bool stopping_ = false;
+  std::atomic<bool> stopping_ = false;  // read by the monitor's thread too
   bool closed_ = false;
   bool in_dispatch_ = false;  // dispatch() re-entered from a completion it caused
   bool redispatch_ = false;
