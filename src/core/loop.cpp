@@ -1,6 +1,7 @@
 #include "layerd/core/loop.hpp"
 
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 
 #include <cassert>
 #include <cerrno>
@@ -52,6 +53,7 @@ Loop::Loop(LoopOptions options) {
     }
   }
   offload_threads_ = options.offload_threads == 0 ? 1 : options.offload_threads;
+  worker_nice_ = options.worker_nice;
   offload_wake_ = new OffloadWake(*this);
   tls_current_loop = this;
 }
@@ -181,6 +183,9 @@ void Loop::on_offload_wake() noexcept {
 }
 
 void Loop::worker_main() {
+  // PRIO_PROCESS with a thread id sets that thread's niceness only. A failure leaves the
+  // inherited one, which is only a scheduling preference.
+  if (worker_nice_) (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), *worker_nice_);
   for (;;) {
     std::pair<std::function<void()>, Completion*> job;
     {

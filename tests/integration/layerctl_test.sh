@@ -125,6 +125,17 @@ if expect 0 exists base; then
         [ "$(json_get '[l for l in j["layers"] if l["id"] == "child"][0]["refcount"]')" = 1 ] ||
           fail "child's refcount is not 1 while mounted: $OUT"
       }
+      # Priorities (--loop-nice, default -10): the loop thread (the main thread) runs ahead of
+      # the FUSE servers; the offload workers and the server they spawned keep the process's
+      # niceness (0 here), so containers' I/O is not pushed behind other processes.
+      server=$(pgrep -f "fuse-overlayfs.* $dir\$" | head -1)
+      [ -n "$server" ] || fail "no fuse-overlayfs process serves $dir"
+      [ -n "$server" ] && { [ "$(ps -o ni= -p "$server" | tr -d ' ')" = 0 ] ||
+        fail "fuse-overlayfs runs at niceness $(ps -o ni= -p "$server"), want 0"; }
+      [ "$(ps -o ni= -p "$LAYERD_PID" | tr -d ' ')" = -10 ] ||
+        fail "layerd's loop thread runs at niceness $(ps -o ni= -p "$LAYERD_PID"), want -10"
+      workers=$(ps -L -o tid=,ni=,comm= -p "$LAYERD_PID" | awk -v p="$LAYERD_PID" '$1 != p && $3 == "layerd" {print $2}' | sort -u)
+      [ "$workers" = 0 ] || fail "layerd's offload workers run at niceness '$workers', want 0"
       expect 0 mount child && [ "$OUT" = "$dir" ] || fail "a second mount gave another dir: $OUT"
       expect 0 umount child
       expect 0 umount child

@@ -13,6 +13,7 @@
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -50,6 +51,10 @@ struct LoopOptions {
   bool try_defer_taskrun = true;
   bool try_ring_waitid = true;
   unsigned offload_threads = 2;
+  // Niceness the offload workers set for themselves (unset: inherit the loop thread's). A daemon
+  // that raises its loop thread's priority keeps its workers, and the children they spawn, at
+  // the process's own.
+  std::optional<int> worker_nice;
 };
 
 class Loop {
@@ -124,6 +129,7 @@ class Loop {
 
   // Offload pool.
   unsigned offload_threads_ = 0;
+  std::optional<int> worker_nice_;
   std::vector<std::thread> workers_;
   std::mutex offload_mutex_;
   std::condition_variable offload_cv_;
