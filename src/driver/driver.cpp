@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cassert>
 #include <cerrno>
 #include <climits>
 #include <cstdlib>
@@ -123,6 +124,19 @@ struct MountRuntime {
 };
 
 struct Driver::Impl {
+  // The number of states with mounted set, kept as it changes: the health route reads it for
+  // every probe, and a scan of 1,000 states per probe was 6% of the loop's time in a storm.
+  std::size_t mounted_count = 0;
+  void set_mounted(MountRuntime& state, bool mounted) noexcept {
+    if (state.mounted == mounted) return;
+    state.mounted = mounted;
+    if (mounted) {
+      ++mounted_count;
+    } else {
+      --mounted_count;
+    }
+  }
+
   explicit Impl(DriverConfig c)
       : config(std::move(c)), spawn_slots(std::max(1u, config.max_concurrent_spawns)) {}
 
@@ -312,7 +326,7 @@ core::Task<void> Driver::Impl::mount(const std::string& id, const store::LayerRe
   MountRuntime& state = mounts[id];
   state.server = server;
   state.options = options;
-  state.mounted = true;
+  set_mounted(state, true);
   state.failed = false;
   state.last_error.clear();
   ++metrics.mounts;
@@ -396,7 +410,7 @@ core::Task<void> Driver::Impl::unmount(const std::string& id, MountRuntime& stat
   // Removing the mountpoint also drops copies of the mount in other namespaces (see the seed).
   (void)co_await core::unlinkat(AT_FDCWD, merged.c_str(), AT_REMOVEDIR);
 
-  state.mounted = false;
+  set_mounted(state, false);
   state.server.reset();
   ++metrics.unmounts;
   metrics.unmount_seconds.observe(seconds_since(started_at));
@@ -440,7 +454,7 @@ core::Task<void> Driver::Impl::heal(std::string id, std::string cause) {
   }
   unwatch_mountpoint(state);
   if (table.is_mounted(merged_dir(id))) co_await detach_dead_mount(id);
-  state.mounted = false;
+  set_mounted(state, false);
   state.server.reset();
   state.last_error = cause;
 
@@ -560,7 +574,7 @@ core::Task<void> Driver::Impl::adopt_runtime_state() {
         state.refcount = record.refcount;
         state.server = server;
         state.options = record.options;
-        state.mounted = true;
+        set_mounted(state, true);
         background.spawn(supervise(record.id, server));
         co_await watch_mountpoint(record.id, server);
         emit("adopt", record.id, "pid " + std::to_string(record.server_pid));
@@ -1175,9 +1189,12 @@ std::vector<LayerInfo> Driver::layers() const {
 const DriverMetrics& Driver::metrics() const noexcept { return impl_->metrics; }
 
 std::size_t Driver::active_mounts() const noexcept {
-  std::size_t n = 0;
-  for (const auto& [id, state] : impl_->mounts) n += state.mounted ? 1 : 0;
-  return n;
+#ifndef NDEBUG
+  std::size_t scanned = 0;
+  for (const auto& [id, state] : impl_->mounts) scanned += state.mounted ? 1 : 0;
+  assert(scanned == impl_->mounted_count && "a mounted flag changed without set_mounted");
+#endif
+  return impl_->mounted_count;
 }
 
 const std::string& Driver::home() const noexcept {
