@@ -11,7 +11,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cassert>
 #include <cerrno>
 #include <climits>
 #include <cstdlib>
@@ -1188,14 +1187,7 @@ std::vector<LayerInfo> Driver::layers() const {
 
 const DriverMetrics& Driver::metrics() const noexcept { return impl_->metrics; }
 
-std::size_t Driver::active_mounts() const noexcept {
-#ifndef NDEBUG
-  std::size_t scanned = 0;
-  for (const auto& [id, state] : impl_->mounts) scanned += state.mounted ? 1 : 0;
-  assert(scanned == impl_->mounted_count && "a mounted flag changed without set_mounted");
-#endif
-  return impl_->mounted_count;
-}
+std::size_t Driver::active_mounts() const noexcept { return impl_->mounted_count; }
 
 const std::string& Driver::home() const noexcept {
   return impl_->home.empty() ? impl_->config.default_home : impl_->home;

@@ -63,6 +63,7 @@ class DriverFixture : public ::testing::Test {
   // Releases what is still held (the last Put unmounts), then stops the driver.
   void stop_driver() {
     if (!driver_) return;
+    expect_mount_count_consistent();
     for (const auto& layer : driver_->layers())
       for (int i = 0; i < layer.refcount; ++i) put(layer.id);
     run(driver_->shutdown());
@@ -84,8 +85,23 @@ class DriverFixture : public ::testing::Test {
   void create(const std::string& id, const std::string& parent = "", bool rw = false) {
     run(driver_->create(driver::CreateRequest{id, parent, "", {}, rw}));
   }
-  std::string get(const std::string& id) { return run(driver_->get(id, "")); }
-  void put(const std::string& id) { run(driver_->put(id)); }
+  std::string get(const std::string& id) {
+    std::string dir = run(driver_->get(id, ""));
+    expect_mount_count_consistent();
+    return dir;
+  }
+  void put(const std::string& id) {
+    run(driver_->put(id));
+    expect_mount_count_consistent();
+  }
+
+  // active_mounts() is a count kept as mounts come and go (the health route reads it): it must
+  // agree with the layers' own mounted flags after whatever the test did.
+  void expect_mount_count_consistent() {
+    std::size_t mounted = 0;
+    for (const auto& layer : driver_->layers()) mounted += layer.mounted ? 1 : 0;
+    EXPECT_EQ(driver_->active_mounts(), mounted);
+  }
   std::string diff_dir(const std::string& id) const { return home_ + "/" + id + "/diff"; }
 
   const driver::LayerInfo* info(const std::string& id) {
