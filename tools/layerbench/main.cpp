@@ -427,6 +427,7 @@ json health_json(const Runner& runner) {
   json h = runner.health().latency.summary();
   h["ok"] = runner.health().ok;
   h["errors"] = runner.health().errors;
+  h["prober_nice"] = runner.monitor_nice();
   return h;
 }
 
@@ -443,8 +444,9 @@ void print_human(const Report& report, const Runner& runner) {
     }
   }
   const auto& h = runner.health();
-  fmt::print("\nhealth probes: {} ok, p50 {:.3f} p99 {:.3f} max {:.3f} ms", h.ok, h.latency.percentile(50),
-             h.latency.percentile(99), h.latency.percentile(100));
+  fmt::print("\nhealth probes: {} ok, p50 {:.3f} p99 {:.3f} max {:.3f} ms (prober at niceness {})", h.ok,
+             h.latency.percentile(50), h.latency.percentile(99), h.latency.percentile(100),
+             runner.monitor_nice());
   for (const auto& [kind, n] : h.errors) fmt::print(", {} x {}", n, kind);
   fmt::print("\n");
   json d = daemon_json(runner);
@@ -494,6 +496,11 @@ int main(int argc, char** argv) {
   app.add_option("--sample-interval", o.runner.sample_interval_ms,
                  "milliseconds between samples of layerd's RSS and fds (0: none)")
       ->capture_default_str();
+  app.add_option("--monitor-nice", o.runner.monitor_nice,
+                 "niceness of the prober's and sampler's thread: ahead of the load so probes time "
+                 "layerd, not their own wait for a CPU (needs CAP_SYS_NICE; 0: as the process)")
+      ->capture_default_str()
+      ->check(CLI::Range(-20, 19));
   app.add_option("--pid", o.runner.pid, "layerd's pid (default: the socket peer's)");
   app.add_option("--prefix", o.prefix, "layer id prefix (default: lb-<random>)");
   app.add_flag("--keep", o.keep, "keep the layers (skip the remove phase)");

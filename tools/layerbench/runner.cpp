@@ -1,5 +1,7 @@
 #include "runner.hpp"
 
+#include <sys/resource.h>
+
 #include <dirent.h>
 #include <sys/socket.h>
 
@@ -410,7 +412,14 @@ void Runner::start_monitor() {
     auto every = static_cast<std::uint64_t>(std::max(1.0, options_.health_interval_ms));
     uv_timer_start(&probe_timer_, &Runner::on_probe_timer, every, every);
   }
-  monitor_ = std::thread([this] { uv_run(&monitor_loop_, UV_RUN_DEFAULT); });
+  monitor_ = std::thread([this] {
+    const auto self = static_cast<id_t>(::gettid());  // PRIO_PROCESS + a tid: this thread only
+    (void)::setpriority(PRIO_PROCESS, self, options_.monitor_nice);
+    errno = 0;
+    int nice = ::getpriority(PRIO_PROCESS, self);
+    monitor_nice_ = errno == 0 ? nice : 0;
+    uv_run(&monitor_loop_, UV_RUN_DEFAULT);
+  });
 }
 
 void Runner::on_monitor_stop(uv_async_t* async) {

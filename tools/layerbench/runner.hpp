@@ -98,6 +98,10 @@ class Runner {
     double timeout_seconds = 120;
     double health_interval_ms = 10;  // 0: no prober
     double sample_interval_ms = 100; // 0: no sampling
+    // Niceness of the prober's and sampler's thread. Below the load's, so that a probe's
+    // latency is layerd's and not this thread's own wait for a CPU on a loaded machine;
+    // needs CAP_SYS_NICE (else the thread keeps the process's niceness).
+    int monitor_nice = -10;
     pid_t pid = 0;                   // 0: the socket peer's pid
   };
 
@@ -119,6 +123,8 @@ class Runner {
 
   [[nodiscard]] pid_t daemon_pid() const noexcept { return pid_; }
   [[nodiscard]] const OpStats& health() const noexcept { return health_; }
+  // The niceness the monitor thread ran at (after stop()).
+  [[nodiscard]] int monitor_nice() const noexcept { return monitor_nice_; }
   [[nodiscard]] const std::vector<ResourceSample>& samples() const noexcept { return samples_; }
   [[nodiscard]] uv_loop_t* loop() noexcept { return &loop_; }
 
@@ -147,6 +153,7 @@ class Runner {
   uv_async_t monitor_stop_{};
   std::thread monitor_;
   std::unique_ptr<Conn> prober_;
+  int monitor_nice_ = 0;
   uv_timer_t sample_timer_{};
   uv_timer_t probe_timer_{};
   pid_t pid_ = 0;
