@@ -12,18 +12,9 @@ SECONDS_PER_RUN=${SECONDS_PER_RUN:-3}
 LAYERD=$(realpath "$BUILD/src/daemon/layerd")
 BENCH=$(realpath "$BUILD/tools/layerbench/layerbench")
 
-W=$(mktemp -d /dev/shm/control-plane-XXXXXX)
-cleanup() {
-  [ -n "${LPID:-}" ] && kill "$LPID" 2>/dev/null && wait "$LPID" 2>/dev/null || true
-  rm -rf "$W"
-}
-trap cleanup EXIT
-ulimit -n 65536 2>/dev/null || true
-"$LAYERD" --root "$W/root" --socket "$W/sock" --run-dir "$W/run" --log-level warn 2>"$W/layerd.log" &
-LPID=$!
-for _ in $(seq 100); do [ -S "$W/sock" ] && break; sleep 0.05; done
-
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
+start_layerd control-plane
 
 # One run; prints "req/s p50_ms p99_ms".
 run() {

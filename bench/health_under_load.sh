@@ -14,18 +14,9 @@ LAYERD=$(realpath "$BUILD/src/daemon/layerd")
 BENCH=$(realpath "$BUILD/tools/layerbench/layerbench")
 command -v jq >/dev/null || { echo "needs jq" >&2; exit 2; }
 
-W=$(mktemp -d /dev/shm/health-load-XXXXXX)   # tmpfs: see BENCHMARKING.md's traps
-LPID=
-cleanup() {
-  [ -n "$LPID" ] && kill "$LPID" 2>/dev/null && wait "$LPID" 2>/dev/null || true
-  grep -o " $W/root/[^ ]*/merged " /proc/self/mountinfo | xargs -r -n1 umount -l 2>/dev/null || true
-  rm -rf "$W"
-}
-trap cleanup EXIT
-ulimit -n 65536 2>/dev/null || true
-"$LAYERD" --root "$W/root" --socket "$W/sock" --run-dir "$W/run" --log-level warn 2>"$W/layerd.log" &
-LPID=$!
-for _ in $(seq 100); do [ -S "$W/sock" ] && break; sleep 0.05; done
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
+start_layerd health-load
 
 # name | layerbench arguments (after the global options)
 SCENARIOS=(
@@ -35,8 +26,6 @@ SCENARIOS=(
   "apply 16 small-file layers, 8 connections|-c 8 apply -n 16 -k small"
   "apply 1 GiB layer|-c 1 apply -n 1 -k big --size 1073741824"
 )
-
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 echo "# health under load: $(nproc) cpus, $(uname -r), tmpfs, rounds $ROUNDS, probes every 5 ms"
 for round in $(seq "$ROUNDS"); do

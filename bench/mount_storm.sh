@@ -21,21 +21,12 @@ BENCH=$BUILD/tools/layerbench/layerbench
 [ -x "$LAYERD" ] && [ -x "$BENCH" ] || { echo "build layerd and layerbench in $BUILD first" >&2; exit 2; }
 LAYERD=$(realpath "$LAYERD"); BENCH=$(realpath "$BENCH")
 
-W=$(mktemp -d /dev/shm/mount-storm-XXXXXX)   # tmpfs: see BENCHMARKING.md's traps
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
+start_layerd mount-storm
 ROOT=$W/root
-cleanup() {
-  [ -n "${LPID:-}" ] && kill "$LPID" 2>/dev/null && wait "$LPID" 2>/dev/null || true
-  grep -o " $ROOT/[^ ]*/merged " /proc/self/mountinfo | xargs -r -n1 umount -l 2>/dev/null || true
-  rm -rf "$W"
-}
-trap cleanup EXIT
-ulimit -n 65536 2>/dev/null || true
-"$LAYERD" --root "$ROOT" --socket "$W/sock" --run-dir "$W/run" --log-level warn 2>"$W/layerd.log" &
-LPID=$!
-for _ in $(seq 100); do [ -S "$W/sock" ] && break; sleep 0.05; done
 
 now() { date +%s.%N; }
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 mounted_count() { grep -c " $ROOT/$1-rw[0-9]*/merged " /proc/self/mountinfo || true; }
 
 # A: one layerd storm; prints "mounts/s get_p50_ms get_p99_ms puts/s".
