@@ -267,7 +267,11 @@ core::Task<void> Driver::Impl::mount(const std::string& id, const store::LayerRe
     }));
   } catch (const Error& e) {
     // Out of descriptors or processes lands here: an error for this Get, naming the layer.
-    throw Error(e.errno_value(), "mounting layer " + id + ": " + e.context());
+    // EAGAIN from a spawn only ever means the latter, which strerror does not say.
+    std::string hint = e.errno_value() == EAGAIN
+                           ? " (no more processes: RLIMIT_NPROC, a pids cgroup or kernel.pid_max)"
+                           : "";
+    throw Error(e.errno_value(), "mounting layer " + id + ": " + e.context() + hint);
   }
   proc::Child child = std::move(*spawned);
   log_fd.reset();
