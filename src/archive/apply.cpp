@@ -44,10 +44,13 @@ namespace layerd::archive {
 namespace {
 
 // 4 MiB: a large file is written in blocks this big (with 1 MiB blocks the 1 GiB apply ran at
-// 0.94-1.04x `cat`, with 4 MiB 1.03-1.15x; see BENCHMARKS.md). Allocated without initialisation, so only the part a read fills is
-// ever touched: an input that arrives in small pieces (a socket) costs little memory.
+// 0.94-1.04x `cat`, with 4 MiB 1.03-1.15x; see BENCHMARKS.md). Allocated without
+// initialisation, so only the part a read fills is ever touched: an input that arrives in small
+// pieces (a socket) costs little memory.
 constexpr std::size_t kInputBuffer = 4 << 20;
-// The read size while decoding entries: the small files' batches (below) work best with it.
+// The read size while decoding entries: with 4 MiB reads there too, the small-file apply fell
+// from 1.29-1.40x to 1.16-1.18x GNU tar (the loop spends longer in each read and decode, with no
+// creates submitted meanwhile).
 constexpr std::size_t kEntryInput = 1 << 20;
 // Input buffers used in turn: a large file's blocks are written straight out of them while the
 // next one is being filled (see Decoder::pin).
