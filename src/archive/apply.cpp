@@ -49,7 +49,7 @@ namespace {
 // pieces (a socket) costs little memory.
 constexpr std::size_t kInputBuffer = 4 << 20;
 // The read size while decoding entries: with 4 MiB reads there too, the small-file apply fell
-// from 1.29-1.40x to 1.16-1.18x GNU tar (the loop spends longer in each read and decode, with no
+// from 1.29-1.40x to 1.16-1.18x GNU tar (probably: the loop spends longer in each read, with no
 // creates submitted meanwhile).
 constexpr std::size_t kEntryInput = 1 << 20;
 // Input buffers used in turn: a large file's blocks are written straight out of them while the
