@@ -16,6 +16,7 @@ namespace layerd::watch {
 
 struct MountWatcher::Waiter {
   std::string mount_point;
+  std::uint64_t ticket = 0;  // only reads covering this ticket may satisfy the waiter
   sync::Event event;
   bool found = false;
 };
@@ -70,7 +71,8 @@ void MountWatcher::dispatch() {
 
   // Event::set() only posts the waiter: nothing runs inline, so iterating is safe.
   for (Waiter* w : waiters_) {
-    if (!w->event.is_set() && std::binary_search(known_.begin(), known_.end(), w->mount_point)) {
+    if (!w->event.is_set() && table_.covered() >= w->ticket &&
+        std::binary_search(known_.begin(), known_.end(), w->mount_point)) {
       w->found = true;
       w->event.set();
     }
@@ -94,16 +96,26 @@ core::Task<void> MountWatcher::refresh_now() {
 core::Task<bool> MountWatcher::wait_mounted(std::string mount_point, core::CancelSource* cancel) {
   Waiter w;
   w.mount_point = std::move(mount_point);
-  // Armed first, then checked: a dispatch between the two cannot happen (one thread), and a
-  // mount the table does not show yet raises POLLPRI on the watcher's fd, whose next dispatch
-  // finds this waiter.
+  // Armed, then a fresh read (coalesced with others in flight) that takes exactly this ticket:
+  // the table may still list a mount at this path that is already gone (a Put just before this
+  // Get unmounted it and the watcher has not re-read since), which must not count. A mount that
+  // appears after that read raises POLLPRI on the watcher's fd, whose next dispatch finds it.
+  w.ticket = table_.next_ticket();
   waiters_.push_back(&w);
-  bool found = table_.is_mounted(w.mount_point);
-  if (!found) {
-    bool set = co_await w.event.wait(cancel);
-    found = set && w.found;
+  bool found = false;
+  std::exception_ptr failure;
+  try {
+    co_await refresh_now();
+    found = w.event.is_set() && w.found;
+    if (!w.event.is_set()) {
+      bool set = co_await w.event.wait(cancel);
+      found = set && w.found;
+    }
+  } catch (...) {
+    failure = std::current_exception();
   }
   waiters_.erase(std::remove(waiters_.begin(), waiters_.end(), &w), waiters_.end());
+  if (failure) std::rethrow_exception(failure);
   co_return found;
 }
 

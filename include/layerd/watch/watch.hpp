@@ -60,6 +60,10 @@ class MountTable {
   [[nodiscard]] std::vector<const MountEntry*> under(std::string_view prefix) const;
   // Bumps on each refresh that changed the entries.
   [[nodiscard]] std::uint64_t generation() const noexcept { return generation_; }
+  // The ticket the next refresh() call takes, and the highest ticket a finished read covers:
+  // covered() >= t means the entries come from a read that started after ticket t was taken.
+  [[nodiscard]] std::uint64_t next_ticket() const noexcept { return requested_ + 1; }
+  [[nodiscard]] std::uint64_t covered() const noexcept { return covered_; }
 
   // For tests and for embedding: replaces the entries as if read (bumps generation on change).
   void assign(std::vector<MountEntry> entries);
@@ -95,8 +99,10 @@ class MountWatcher {
   core::Task<void> run(core::CancelSource& stop);
 
   // Resolves true when `mount_point` is in the table, false if `cancel` fires (or run() ends)
-  // first. Arms before checking the table, and the kernel's change notification is sticky
-  // per fd, so a mount that appeared just before the call is never missed (while run() runs).
+  // first. Only a table read that starts after the call counts (the call makes one): an entry
+  // left from before, such as the previous mount at the same path that was just unmounted and
+  // not re-read yet, never passes for the new one. The kernel's change notification is sticky
+  // per fd, so a mount that appears later is not missed either (while run() runs).
   core::Task<bool> wait_mounted(std::string mount_point, core::CancelSource* cancel);
 
   // Called on the loop for every mount point under a watched prefix (every mount point when

@@ -65,6 +65,7 @@ struct MountScenario {
   bool disappeared = false;
   bool cancelled_false = false;
   bool waiter_pending_before_mount = false;
+  bool stale_entry_ignored = false;
 };
 
 Task<void> mount_scenario(watch::MountWatcher& w, CancelSource& stop, MountScenario& s) {
@@ -99,12 +100,24 @@ Task<void> mount_scenario(watch::MountWatcher& w, CancelSource& stop, MountScena
       s.appeared_before_call =
           co_await eventually([&r2] { return r2.finished; }, 3000ms) && r2.mounted;
       if (!r2.finished) c2.cancel();
+
+      // 4. The table still lists the mount just unmounted (no re-read yet): a waiter armed now
+      // must not take that stale entry for a new mount (a Get right after a Put of the same
+      // layer would answer before its server had mounted).
       (void)::umount2(s.mp.c_str(), MNT_DETACH);
+      WaitResult r4;
+      CancelSource c4;
+      scope.spawn(wait_for_mount(w, s.mp, &c4, r4));
+      (void)co_await core::sleep(50ms);
+      s.stale_entry_ignored = !r4.finished;
+      c4.cancel();
+      (void)co_await eventually([&r4] { return r4.finished; }, 1000ms);
+      s.stale_entry_ignored = s.stale_entry_ignored && r4.finished && !r4.mounted;
     }
   }
   if (!r1.finished) c1.cancel();
 
-  // 4. Cancellation resolves false.
+  // 5. Cancellation resolves false.
   WaitResult r3;
   CancelSource c3;
   scope.spawn(wait_for_mount(w, s.mp + "/never", &c3, r3));
@@ -146,6 +159,7 @@ TEST(MountWatcher, SeesMountsAppearAndDisappear) {
   EXPECT_TRUE(s.appeared);
   EXPECT_TRUE(s.disappeared);
   EXPECT_TRUE(s.appeared_before_call);
+  EXPECT_TRUE(s.stale_entry_ignored);
   EXPECT_TRUE(s.cancelled_false);
 }
 
