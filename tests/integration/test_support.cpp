@@ -85,6 +85,30 @@ bool is_mounted(const std::string& mount_point) {
   return std::find(mounts.begin(), mounts.end(), mount_point) != mounts.end();
 }
 
+namespace {
+
+// A /proc file read with plain read(2): a process that exits while it is read makes read fail
+// with ESRCH, which libstdc++'s filebuf turns into an exception that aborted the stress test.
+// Here that is an empty result, as for a process already gone.
+std::string read_proc_file(const std::string& path) {
+  std::string out;
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return out;
+  char buf[4096];
+  for (;;) {
+    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n <= 0) {
+      if (n < 0) out.clear();
+      break;
+    }
+    out.append(buf, static_cast<std::size_t>(n));
+  }
+  ::close(fd);
+  return out;
+}
+
+}  // namespace
+
 std::vector<pid_t> fuse_server_pids(const std::string& home) {
   std::vector<pid_t> pids;
   std::error_code ec;
@@ -92,14 +116,9 @@ std::vector<pid_t> fuse_server_pids(const std::string& home) {
   for (const auto& entry : fs::directory_iterator("/proc", ec)) {
     const std::string name = entry.path().filename().string();
     if (!std::all_of(name.begin(), name.end(), ::isdigit)) continue;
-    std::ifstream comm(entry.path() / "comm");
-    std::string command;
-    std::getline(comm, command);
-    if (command != "fuse-overlayfs") continue;
+    if (read_proc_file((entry.path() / "comm").string()) != "fuse-overlayfs\n") continue;
     // The mountpoint is its last argument: HOME/ID/merged.
-    std::ifstream cmdline_file(entry.path() / "cmdline");
-    std::string cmdline((std::istreambuf_iterator<char>(cmdline_file)),
-                        std::istreambuf_iterator<char>());
+    std::string cmdline = read_proc_file((entry.path() / "cmdline").string());
     while (!cmdline.empty() && cmdline.back() == '\0') cmdline.pop_back();
     const std::string target = cmdline.substr(cmdline.rfind('\0') + 1);
     if ((target.rfind(canonical + "/", 0) == 0 || target.rfind(home + "/", 0) == 0) &&
@@ -112,10 +131,7 @@ std::vector<pid_t> fuse_server_pids(const std::string& home) {
 std::size_t fuse_servers_in(const std::string& home) { return fuse_server_pids(home).size(); }
 
 bool process_exists(pid_t pid) {
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  if (!stat) return false;
-  std::string line;
-  std::getline(stat, line);
+  std::string line = read_proc_file("/proc/" + std::to_string(pid) + "/stat");
   auto close = line.rfind(')');
   if (close == std::string::npos || close + 2 >= line.size()) return false;
   return line[close + 2] != 'Z';
