@@ -374,6 +374,17 @@ core::Task<void> Driver::Impl::unmount(const std::string& id, MountRuntime& stat
   if (!co_await is_mount_point(merged)) {
     unmounted = true;
   } else {
+    // What `fusermount3 -u` does after its checks, without starting a process (about 0.2 ms
+    // against 1.3-1.6 ms; fusermount3 was a sixth of the machine's CPU in a storm): allowed
+    // where layerd may unmount (root, or its own mount namespace when rootless); elsewhere it
+    // fails with EPERM and the setuid helpers below do it. On a worker: an unmount syncs the
+    // filesystem, which waits for the FUSE server.
+    int res = co_await core::offload([merged] {
+      return ::umount2(merged.c_str(), UMOUNT_NOFOLLOW) == 0 ? 0 : -errno;
+    });
+    unmounted = res == 0;
+  }
+  if (!unmounted) {
     for (const char* tool : {"fusermount3", "fusermount"}) {
       proc::SpawnOptions spawn;
       spawn.argv = {tool, "-u", merged};
