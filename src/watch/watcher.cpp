@@ -1,6 +1,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/inotify.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <cassert>
@@ -96,26 +97,26 @@ core::Task<void> MountWatcher::refresh_now() {
 core::Task<bool> MountWatcher::wait_mounted(std::string mount_point, core::CancelSource* cancel) {
   Waiter w;
   w.mount_point = std::move(mount_point);
-  // Armed, then a fresh read (coalesced with others in flight) that takes exactly this ticket:
-  // the table may still list a mount at this path that is already gone (a Put just before this
-  // Get unmounted it and the watcher has not re-read since), which must not count. A mount that
-  // appears after that read raises POLLPRI on the watcher's fd, whose next dispatch finds it.
+  // The table may still list a mount at this path that is already gone (a Put just before this
+  // Get unmounted it and the watcher has not re-read since): it must not count. So the waiter
+  // takes only reads that start from now on (its ticket), and the present is asked of the kernel
+  // with one statx (a whole-table read per call would cost O(mounts) each in a storm). A mount
+  // that appears after the statx raises POLLPRI on the watcher's fd, and the read that follows
+  // finds it.
   w.ticket = table_.next_ticket();
   waiters_.push_back(&w);
-  bool found = false;
-  std::exception_ptr failure;
-  try {
-    co_await refresh_now();
-    found = w.event.is_set() && w.found;
-    if (!w.event.is_set()) {
-      bool set = co_await w.event.wait(cancel);
-      found = set && w.found;
-    }
-  } catch (...) {
-    failure = std::current_exception();
+  struct statx st {};
+  auto probe = core::statx(AT_FDCWD, w.mount_point.c_str(), AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT,
+                           STATX_BASIC_STATS, &st);
+  if (cancel != nullptr) probe.cancel_on(*cancel);
+  int res = co_await probe;
+  bool found = res == 0 && (st.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT) &&
+               (st.stx_attributes & STATX_ATTR_MOUNT_ROOT);
+  if (!found) {
+    bool set = co_await w.event.wait(cancel);
+    found = set && w.found;
   }
   waiters_.erase(std::remove(waiters_.begin(), waiters_.end(), &w), waiters_.end());
-  if (failure) std::rethrow_exception(failure);
   co_return found;
 }
 

@@ -99,10 +99,11 @@ class MountWatcher {
   core::Task<void> run(core::CancelSource& stop);
 
   // Resolves true when `mount_point` is in the table, false if `cancel` fires (or run() ends)
-  // first. Only a table read that starts after the call counts (the call makes one): an entry
-  // left from before, such as the previous mount at the same path that was just unmounted and
-  // not re-read yet, never passes for the new one. The kernel's change notification is sticky
-  // per fd, so a mount that appears later is not missed either (while run() runs).
+  // first. Asks the kernel (statx: is the path a mount root now?), then waits for table reads
+  // that start after the call: an entry left in the table from before, such as the previous
+  // mount at the same path that was just unmounted and not re-read yet, never passes for the
+  // new one. The kernel's change notification is sticky per fd, so a mount that appears later
+  // is not missed either (while run() runs).
   core::Task<bool> wait_mounted(std::string mount_point, core::CancelSource* cancel);
 
   // Called on the loop for every mount point under a watched prefix (every mount point when
