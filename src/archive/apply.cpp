@@ -426,50 +426,6 @@ void set_owner_mode(int fd, const Meta& m, const std::string& name) {
   set_xattrs(fd, m, name);
 }
 
-// Two linked SQEs (write, then close) completed as one awaitable: the close runs right after the
-// write in the kernel without another round trip. A failed or short write cancels the close
-// (-ECANCELED), which is then done here.
-class WriteClose {
- public:
-  WriteClose(int fd, const void* buf, unsigned len) : fd_(fd), buf_(buf), len_(len) {}
-  WriteClose(const WriteClose&) = delete;
-  bool await_ready() const noexcept { return false; }
-  void await_suspend(std::coroutine_handle<> h) {
-    waiter_ = h;
-    auto& loop = core::Loop::current();
-    loop.reserve_sqes(2);
-    io_uring_sqe* w = loop.get_sqe();
-    io_uring_prep_write(w, fd_, buf_, len_, 0);
-    w->flags |= IOSQE_IO_LINK;
-    io_uring_sqe_set_data(w, static_cast<core::Completion*>(&write_));
-    io_uring_sqe* c = loop.get_sqe();
-    io_uring_prep_close(c, fd_);
-    io_uring_sqe_set_data(c, static_cast<core::Completion*>(&close_));
-  }
-  // The write's result; the fd is closed either way when this returns.
-  int await_resume() {
-    if (close_.result == -ECANCELED) (void)::close(fd_);
-    return write_.result;
-  }
-
- private:
-  struct Part final : core::Completion {
-    explicit Part(WriteClose* o) : owner(o) {}
-    WriteClose* owner;
-    int result = 0;
-    void complete(int res, std::uint32_t) noexcept override {
-      result = res;
-      if (--owner->pending_ == 0) core::Loop::current().post(owner->waiter_);
-    }
-  };
-  int fd_;
-  const void* buf_;
-  unsigned len_;
-  int pending_ = 2;
-  std::coroutine_handle<> waiter_;
-  Part write_{this}, close_{this};
-};
-
 // The large-file writes of one file still in flight.
 struct BlockWrites {
   std::size_t pending = 0;
@@ -585,20 +541,21 @@ core::Task<void> write_small_file(Applier* self, DirRef parent, std::string base
     if (fd < 0) fail(e.name, -fd, "creating the file");
     sys::UniqueFd file(fd);
     set_owner_mode(file.get(), m, e.name);
-    if (e.data.empty()) {
-      // Setting the times on the open fd is cheaper than a path lookup later.
-      if (::futimens(file.get(), m.times) != 0) fail(e.name, errno, "futimens");
-      int r = co_await core::close(file.release());
-      if (r < 0) fail(e.name, -r, "close");
-    } else {
-      int r = co_await WriteClose(file.release(), e.data.data(), static_cast<unsigned>(e.data.size()));
+    // A short write (a filesystem filling up) is followed by another, which then says why.
+    for (std::size_t done = 0; done < e.data.size();) {
+      int r = co_await core::write(file.get(), e.data.data() + done, static_cast<unsigned>(e.data.size() - done), done);
       if (r < 0) fail(e.name, -r, "writing the data");
-      if (static_cast<std::size_t>(r) != e.data.size()) fail(e.name, EIO, "short write");
-      // After the data: a write updates mtime. The base name is one component in a parent we
-      // opened beneath the target, and AT_SYMLINK_NOFOLLOW: nothing is followed.
-      if (::utimensat(parent->fd.get(), base.c_str(), m.times, AT_SYMLINK_NOFOLLOW) != 0)
-        fail(e.name, errno, "utimensat");
+      if (r == 0) fail(e.name, EIO, "writing the data: no progress");
+      done += static_cast<std::size_t>(r);
     }
+    // After the data (a write updates mtime), on the open fd: no path lookup. This replaced a
+    // write linked to a ring close followed by utimensat by name, which cost the loop a quarter
+    // of its time per file (BENCHMARKS.md, "ApplyDiff").
+    if (::futimens(file.get(), m.times) != 0) fail(e.name, errno, "futimens");
+    // A ring close: it completes inline for a local file, and goes to a worker where closing can
+    // block (a filesystem with a flush method).
+    int r = co_await core::close(file.release());
+    if (r < 0) fail(e.name, -r, "close");
   } catch (...) {
     self->record(std::current_exception());
   }

@@ -2,7 +2,11 @@
 // the loop staying responsive during a large apply.
 #include <gtest/gtest.h>
 
+#include <sys/mount.h>
+
 #include <chrono>
+#include <cstring>
+#include <filesystem>
 #include <random>
 
 #include "helpers.hpp"
@@ -264,6 +268,40 @@ TEST(ApplyTar, Limits) {
   small.max_bytes = 1000;
   expect_refused(make_tar({{.name = "a", .data = std::string(600, 'a')}, {.name = "b", .data = std::string(600, 'b')}}),
                  "'b'", {"/a"}, small);
+}
+
+std::size_t open_fd_count() {
+  std::size_t n = 0;
+  for ([[maybe_unused]] auto& e : std::filesystem::directory_iterator("/proc/self/fd")) ++n;
+  return n;
+}
+
+// A full disk in the middle of a file (small files are written by tasks, a large one block by
+// block) is an error naming the entry, and leaves no descriptor open.
+TEST(ApplyTar, DiskFullNamesTheEntryAndLeaksNothing) {
+  if (!is_root()) GTEST_SKIP() << "needs root to mount a small tmpfs";
+  TempDir tmp;
+  ASSERT_EQ(::mount("tmpfs", tmp.path.c_str(), "tmpfs", 0, "size=1m,nr_inodes=1000"), 0) << std::strerror(errno);
+  struct Unmount {
+    std::string path;
+    ~Unmount() { (void)::umount2(path.c_str(), MNT_DETACH); }
+  } unmount{tmp.path};
+  for (std::size_t size : {std::size_t{40000}, std::size_t{3000000}}) {
+    std::vector<TarEntry> entries;
+    for (int i = 0; i < 40; ++i) entries.push_back({.name = "f" + std::to_string(i), .data = std::string(size, 'q')});
+    std::string target = tmp.sub("t" + std::to_string(size));
+    const std::size_t fds_before = open_fd_count();
+    try {
+      apply_layer(make_tar(entries), target);
+      ADD_FAILURE() << "a 1 MiB filesystem took " << 40 * size << " bytes";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.errno_value(), ENOSPC) << e.what();
+      EXPECT_NE(std::string(e.what()).find("tar entry 'f"), std::string::npos) << e.what();
+      std::printf("refused as expected: %s\n", e.what());
+    }
+    EXPECT_EQ(open_fd_count(), fds_before);
+    std::filesystem::remove_all(target);
+  }
 }
 
 TEST(ApplyTar, DeviceNodesWithoutPermissionAreSkippedWhenAllowed) {
