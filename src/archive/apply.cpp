@@ -550,7 +550,9 @@ core::Task<void> write_small_file(Applier* self, DirRef parent, std::string base
     }
     // After the data (a write updates mtime), on the open fd: no path lookup. This replaced a
     // write linked to a ring close followed by utimensat by name, which cost the loop a quarter
-    // of its time per file (BENCHMARKS.md, "Small files, session 3").
+    // of its time per file (BENCHMARKS.md, "Small files, session 3"). A plain syscall, like
+    // fchown and fchmod above: it changes the in-memory inode only, the ring has no such
+    // operation, and batching these on the offload pool measured slower.
     if (::futimens(file.get(), m.times) != 0) fail(e.name, errno, "futimens");
     // A ring close: it completes inline for a local file, and goes to a worker where closing can
     // block (a filesystem with a flush method).
