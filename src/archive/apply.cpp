@@ -1,7 +1,8 @@
 // apply_tar: libarchive decodes on a fiber (see fiber.hpp); the coroutine on the loop turns the
-// decoded entries into ring operations. Small files are written by concurrent tasks (so the
-// kernel's io-wq workers create several at once, on both cores); large files are streamed block
-// by block straight from libarchive's buffer.
+// decoded entries into ring operations. Small files are queued and written in batches on the
+// offload pool, so both cores create files while the loop decodes (see write_small_files); large
+// files are streamed through the ring block by block straight from libarchive's buffer;
+// directories, links and metadata go through the ring or short syscalls on the loop.
 //
 // Safety: every name is cleaned lexically first (Docker's rules); parents are opened with
 // openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS) relative to the target,
@@ -59,7 +60,14 @@ constexpr std::size_t kInputBuffers = 2;
 constexpr std::int64_t kSmallFile = 64 * 1024;
 constexpr std::size_t kBatchEntries = 128;
 constexpr std::size_t kBatchBytes = 4 << 20;
-constexpr std::size_t kMaxInFlight = 96;
+// Small files are written in batches on the offload pool (see write_small_files): up to this many
+// files or bytes per batch, and this many batches queued or running at once, one more than the
+// pool's two threads so that a thread finishing a batch finds the next one waiting rather than
+// waiting for the loop. Chosen by `archivebench --only profile-small` (BENCHMARKS.md, "Small
+// files, session 4").
+constexpr std::size_t kSmallBatchFiles = 32;
+constexpr std::size_t kSmallBatchBytes = 1 << 20;
+constexpr std::size_t kBatchesInFlight = 3;
 constexpr std::size_t kDirCacheLimit = 512;
 constexpr std::uint64_t kResolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
 
@@ -426,6 +434,15 @@ void set_owner_mode(int fd, const Meta& m, const std::string& name) {
   set_xattrs(fd, m, name);
 }
 
+// A small file waiting in a batch: its data is already decoded, its parent already open.
+struct SmallFile {
+  DirRef parent;
+  std::string base;
+  std::string name;  // the entry's name, for messages
+  std::vector<std::byte> data;
+  Meta meta;
+};
+
 // The large-file writes of one file still in flight.
 struct BlockWrites {
   std::size_t pending = 0;
@@ -476,7 +493,7 @@ class Applier {
 
   ApplyResult result;
 
-  // Task bookkeeping, called by write_small_file.
+  // Task bookkeeping, called by write_batch.
   void record(std::exception_ptr e) noexcept {
     if (!task_error_) task_error_ = e;
   }
@@ -501,6 +518,13 @@ class Applier {
   }
 
   core::Task<DirRef> dir(const std::string& path, const std::string& entry, bool create);
+  core::Task<void> flush_batch();
+  // Waits until every small file queued so far exists (or failed).
+  core::Task<void> settle() {
+    co_await flush_batch();
+    co_await WaitBelow{*this, 0};
+    throw_task_error();
+  }
   Meta meta_for(const Entry& e, const DirHandle& parent, bool is_dir);
   core::Task<void> apply_file(Entry& e, const Path& p, Decoder& decoder);
   core::Task<void> apply_dir(Entry& e, const Path& p);
@@ -516,6 +540,8 @@ class Applier {
   std::coroutine_handle<> waiter_;
   std::size_t wake_below_ = 0;
   DirRef root_;
+  std::vector<SmallFile> batch_;
+  std::size_t batch_bytes_ = 0;
   std::unordered_map<std::string, DirRef> dirs_;
   struct DirTimes {
     std::string path;
@@ -530,34 +556,40 @@ class Applier {
   gid_t egid_ = 0;
 };
 
-core::Task<void> write_small_file(Applier* self, DirRef parent, std::string base, Entry e, Meta m) {
-  try {
-    open_how how{};
-    how.flags = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW;
-    how.mode = m.perm & ~self->umask() & 07777;
-    how.resolve = kResolve;
-    int fd = co_await core::openat2(parent->fd.get(), base.c_str(), &how);
-    if (fd == -EEXIST) fail(e.name, -fd, "already exists (duplicate entry)");
-    if (fd < 0) fail(e.name, -fd, "creating the file");
+// Runs on the offload pool: plain blocking syscalls, one file after another. The first failure
+// throws, naming the entry; the rest of the batch is left unwritten (the apply fails anyway).
+//
+// Why not the ring: creating a file (O_CREAT) and a buffered write to tmpfs or ext4 both always
+// leave the submitting thread for an io-wq worker, and with DEFER_TASKRUN every step of a linked
+// chain comes back through the loop, so each file crossed between the cores twice; those
+// hand-offs, not the syscalls, capped the apply at about 1.45x GNU tar. One hand-off per batch
+// of 32 files gives 1.65x on tmpfs and 1.8-1.9x on ext4 (BENCHMARKS.md, "Small files, session 4").
+void write_small_files(std::vector<SmallFile>& files, mode_t umask) {
+  for (SmallFile& f : files) {
+    int fd = sys::openat2(f.parent->fd.get(), f.base.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW,
+                          f.meta.perm & ~umask & 07777, kResolve);
+    if (fd == -EEXIST) fail(f.name, EEXIST, "already exists (duplicate entry)");
+    if (fd < 0) fail(f.name, -fd, "creating the file");
     sys::UniqueFd file(fd);
-    set_owner_mode(file.get(), m, e.name);
+    set_owner_mode(file.get(), f.meta, f.name);
     // A short write (a filesystem filling up) is followed by another, which then says why.
-    for (std::size_t done = 0; done < e.data.size();) {
-      int r = co_await core::write(file.get(), e.data.data() + done, static_cast<unsigned>(e.data.size() - done), done);
-      if (r < 0) fail(e.name, -r, "writing the data");
-      if (r == 0) fail(e.name, EIO, "writing the data: no progress");
+    for (std::size_t done = 0; done < f.data.size();) {
+      ssize_t r = ::pwrite(file.get(), f.data.data() + done, f.data.size() - done, static_cast<off_t>(done));
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) fail(f.name, errno, "writing the data");
+      if (r == 0) fail(f.name, EIO, "writing the data: no progress");
       done += static_cast<std::size_t>(r);
     }
-    // After the data (a write updates mtime), on the open fd: no path lookup. This replaced a
-    // write linked to a ring close followed by utimensat by name, which cost the loop a quarter
-    // of its time per file (BENCHMARKS.md, "Small files, session 3"). A plain syscall, like
-    // fchown and fchmod above: it changes the in-memory inode only, the ring has no such
-    // operation, and batching these on the offload pool measured slower.
-    if (::futimens(file.get(), m.times) != 0) fail(e.name, errno, "futimens");
-    // A ring close: it completes inline for a local file, and goes to a worker where closing can
-    // block (a filesystem with a flush method).
-    int r = co_await core::close(file.release());
-    if (r < 0) fail(e.name, -r, "close");
+    // After the data: a write updates mtime.
+    if (::futimens(file.get(), f.meta.times) != 0) fail(f.name, errno, "futimens");
+    if (::close(file.release()) != 0 && errno != EINTR) fail(f.name, errno, "close");
+  }
+}
+
+core::Task<void> write_batch(Applier* self, std::vector<SmallFile> files) {
+  try {
+    const mode_t umask = self->umask();
+    co_await core::offload([&files, umask] { write_small_files(files, umask); });
   } catch (...) {
     self->record(std::current_exception());
   }
@@ -590,12 +622,11 @@ core::Task<DirRef> Applier::dir(const std::string& path, const std::string& entr
   how.flags = O_RDONLY | O_DIRECTORY;
   how.resolve = kResolve;
   int fd = co_await core::openat2(root_fd_, path.c_str(), &how);
-  if (fd == -ENOENT && create && scope_.active() > 0) {
-    // A small file still being created by a task may own this name ("f", then "f/g"): let the
-    // tasks finish and look again, so that the error names "f/g" (its parent is not a
-    // directory) rather than depending on which of mkdir and the task came first.
-    co_await WaitBelow{*this, 0};
-    throw_task_error();
+  if (fd == -ENOENT && create && (scope_.active() > 0 || !batch_.empty())) {
+    // A small file still queued may own this name ("f", then "f/g"): let it be created and
+    // look again, so that the error names "f/g" (its parent is not a directory) rather than
+    // depending on which of mkdir and the batch came first.
+    co_await settle();
     fd = co_await core::openat2(root_fd_, path.c_str(), &how);
   }
   if (fd == -ENOENT && create) {
@@ -687,9 +718,9 @@ core::Task<void> Applier::apply_file(Entry& e, const Path& p, Decoder& decoder) 
   result.entries++;
   result.bytes_applied += static_cast<std::uint64_t>(e.size);
   if (!e.streamed) {
-    co_await WaitBelow{*this, kMaxInFlight - 1};
-    throw_task_error();
-    scope_.spawn(write_small_file(this, parent, p.base, std::move(e), std::move(m)));
+    batch_bytes_ += e.data.size();
+    batch_.push_back(SmallFile{std::move(parent), p.base, e.name, std::move(e.data), std::move(m)});
+    if (batch_.size() >= kSmallBatchFiles || batch_bytes_ >= kSmallBatchBytes) co_await flush_batch();
     co_return;
   }
   // A large file: written here, block by block, straight from libarchive's buffer (the fiber
@@ -821,9 +852,8 @@ core::Task<void> Applier::apply_hardlink(Entry& e, const Path& p) {
     throw;
   }
   DirRef parent = co_await dir(p.parent, e.name, true);
-  // The target may be a file still being created by a task: let them all finish first.
-  co_await WaitBelow{*this, 0};
-  throw_task_error();
+  // The target may be a small file still queued: let every queued file be created first.
+  co_await settle();
   int r = co_await core::linkat(target_parent->fd.get(), target.base.c_str(), parent->fd.get(),
                                 p.base.c_str(), 0);
   if (r == -ENOENT) fail(e.name, ENOENT, "hardlink target " + quoted(e.hardlink) + " does not exist");
@@ -858,9 +888,16 @@ core::Task<void> Applier::apply_node(Entry& e, const Path& p) {
   result.entries++;
 }
 
-core::Task<void> Applier::finish() {
-  co_await drain();
+core::Task<void> Applier::flush_batch() {
+  if (batch_.empty()) co_return;
+  co_await WaitBelow{*this, kBatchesInFlight - 1};
   throw_task_error();
+  scope_.spawn(write_batch(this, std::exchange(batch_, {})));
+  batch_bytes_ = 0;
+}
+
+core::Task<void> Applier::finish() {
+  co_await settle();
   for (auto it = dir_times_.rbegin(); it != dir_times_.rend(); ++it) {
     DirRef d = co_await dir(it->path, it->entry, false);
     if (::futimens(d->fd.get(), it->times) != 0) fail(it->entry, errno, "futimens");

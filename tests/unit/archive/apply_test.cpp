@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <random>
 
 #include "helpers.hpp"
@@ -19,6 +20,13 @@ using namespace layerd;
 using namespace std::chrono_literals;
 
 namespace {
+
+std::size_t open_fd_count();
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
 
 struct Fixture {
   TempDir tmp;
@@ -204,6 +212,52 @@ TEST(ApplyTar, HostileCorpus) {
                  "'dup'", {"/dup"});
   // A root-naming non-directory.
   expect_refused(make_tar({{.name = "./", .data = "x"}}), "./");
+}
+
+// Small files go to the offload pool in batches of dozens: every file of every batch arrives with
+// its own content, mode and mtime; a hardlink to a file still queued in the current batch finds
+// it; a duplicate deep inside a later batch is an error naming it, with no descriptor left open.
+TEST(ApplyTar, ManySmallFilesInBatches) {
+  auto file_name = [](int i) { return "d" + std::to_string(i % 7) + "/f" + std::to_string(i); };
+  std::vector<TarEntry> entries;
+  for (int i = 0; i < 300; ++i) {
+    entries.push_back({.name = file_name(i),
+                       .perm = static_cast<mode_t>(i % 2 ? 0600 : 0644),
+                       .data = "content of " + std::to_string(i) + std::string(static_cast<std::size_t>(i), 'c'),
+                       .mtime = 1'500'000'000 + i});
+  }
+  entries.push_back({.name = "hard", .hardlink = file_name(299)});
+  {
+    Fixture f;
+    auto r = apply_layer(make_tar(entries), f.target);
+    EXPECT_EQ(r.entries, 301u);
+    for (int i = 0; i < 300; ++i) {
+      SCOPED_TRACE(file_name(i));
+      std::string path = f.target + "/" + file_name(i);
+      EXPECT_EQ(read_file(path), "content of " + std::to_string(i) + std::string(static_cast<std::size_t>(i), 'c'));
+      struct stat st{};
+      ASSERT_EQ(::lstat(path.c_str(), &st), 0);
+      EXPECT_EQ(st.st_mode & 07777, i % 2 ? 0600u : 0644u);
+      EXPECT_EQ(st.st_mtim.tv_sec, 1'500'000'000 + i);
+    }
+    struct stat a{}, b{};
+    ASSERT_EQ(::lstat((f.target + "/hard").c_str(), &a), 0);
+    ASSERT_EQ(::lstat((f.target + "/" + file_name(299)).c_str(), &b), 0);
+    EXPECT_EQ(a.st_ino, b.st_ino);
+  }
+  entries.pop_back();
+  entries.insert(entries.begin() + 250, TarEntry{.name = file_name(200), .data = "again"});
+  Fixture g;
+  const std::size_t fds_before = open_fd_count();
+  try {
+    apply_layer(make_tar(entries), g.target);
+    ADD_FAILURE() << "a duplicate entry was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.errno_value(), EEXIST) << e.what();
+    EXPECT_NE(std::string(e.what()).find("'" + file_name(200) + "'"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(open_fd_count(), fds_before);
+  EXPECT_EQ(read_file(g.target + "/" + file_name(200)), "content of 200" + std::string(200, 'c'));
 }
 
 // Rewrites the size field of the first ustar header and fixes its checksum.
