@@ -56,6 +56,7 @@ constexpr std::size_t kEntryInput = 1 << 20;
 // Input buffers used in turn: a large file's blocks are written straight out of them while the
 // next one is being filled (see Decoder::pin).
 constexpr std::size_t kInputBuffers = 2;
+static_assert(kEntryInput <= kInputBuffer, "entry reads fill the same buffers");
 // Files up to this size are read whole on the fiber and written by a concurrent task.
 constexpr std::int64_t kSmallFile = 64 * 1024;
 constexpr std::size_t kBatchEntries = 128;
