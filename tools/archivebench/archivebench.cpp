@@ -268,18 +268,23 @@ int main(int argc, char** argv) {
     (void)loop.block_on(layerd::archive::apply_tar(source, fd.get(), {}));
   };
   auto cleanup = [&](const std::string& target) { std::filesystem::remove_all(target); };
+  // One apply on its own: its rate in `units` per second and the CPU per unit, in µs, that this
+  // process (the loop, io-wq workers, the offload pool) spent on it.
+  auto profile_apply = [&](const std::string& tar, const std::string& target, double units, Stats& rate, Stats& cpu) {
+    auto cpu_us = [] {
+      rusage u{};
+      ::getrusage(RUSAGE_SELF, &u);
+      return (u.ru_utime.tv_sec + u.ru_stime.tv_sec) * 1e6 + u.ru_utime.tv_usec + u.ru_stime.tv_usec;
+    };
+    const double before = cpu_us();
+    rate.values.push_back(units / seconds_of([&] { layerd_apply(tar, target); }));
+    cpu.values.push_back((cpu_us() - before) / units);
+  };
   if (only == "profile-small") {
     std::vector<std::string> targets;
     for (int r = 0; r < rounds; ++r) targets.push_back(fresh());
     Stats rate, cpu;
-    for (const auto& t : targets) {
-      rusage a{}, b{};
-      ::getrusage(RUSAGE_SELF, &a);
-      rate.values.push_back(files / seconds_of([&] { layerd_apply(small_tar, t); }));
-      ::getrusage(RUSAGE_SELF, &b);
-      auto us = [](const timeval& tv) { return tv.tv_sec * 1e6 + tv.tv_usec; };
-      cpu.values.push_back((us(b.ru_utime) - us(a.ru_utime) + us(b.ru_stime) - us(a.ru_stime)) / files);
-    }
+    for (const auto& t : targets) profile_apply(small_tar, t, files, rate, cpu);
     // Removed by another process, so a profile of this one holds the applies alone.
     for (const auto& t : targets) run("rm -rf " + t);
     std::printf("layerd small apply, %d files, %d rounds: %.0f files/s (%.0f-%.0f), CPU %.2f us/file (%.2f-%.2f)\n",
@@ -292,12 +297,7 @@ int main(int argc, char** argv) {
     const double mb = static_cast<double>(big_file) * 8 / 1e6;
     for (int r = 0; r < rounds; ++r) {
       std::string t = fresh();
-      rusage a{}, b{};
-      ::getrusage(RUSAGE_SELF, &a);
-      rate.values.push_back(mb / seconds_of([&] { layerd_apply(big_tar, t); }));
-      ::getrusage(RUSAGE_SELF, &b);
-      auto us = [](const timeval& tv) { return tv.tv_sec * 1e6 + tv.tv_usec; };
-      cpu.values.push_back((us(b.ru_utime) - us(a.ru_utime) + us(b.ru_stime) - us(a.ru_stime)) / mb);
+      profile_apply(big_tar, t, mb, rate, cpu);
       run("rm -rf " + t);
     }
     std::printf("layerd big apply, %.0f MB, %d rounds: %.0f MB/s (%.0f-%.0f), CPU %.0f us/MB (%.0f-%.0f)\n", mb,
