@@ -57,10 +57,12 @@ constexpr std::size_t kEntryInput = 1 << 20;
 // next one is being filled (see Decoder::pin).
 constexpr std::size_t kInputBuffers = 2;
 static_assert(kEntryInput <= kInputBuffer, "entry reads fill the same buffers");
-// Files up to this size are read whole on the fiber and written by a concurrent task.
+// Files up to this size are read whole on the fiber and queued for a batch (below).
 constexpr std::int64_t kSmallFile = 64 * 1024;
-constexpr std::size_t kBatchEntries = 128;
-constexpr std::size_t kBatchBytes = 4 << 20;
+// Entries the fiber decodes per resumption (or fewer, once their small files' data reach the
+// byte limit): one stack switch per many entries.
+constexpr std::size_t kDecodeEntries = 128;
+constexpr std::size_t kDecodeBytes = 4 << 20;
 // Small files are written in batches on the offload pool (see write_small_files): up to this many
 // files or bytes per batch, and this many batches queued or running at once, one more than the
 // pool's two threads so that a thread finishing a batch finds the next one waiting rather than
@@ -288,7 +290,7 @@ void Decoder::execute() {
 void Decoder::decode_batch() {
   batch.clear();
   std::size_t bytes = 0;
-  while (batch.size() < kBatchEntries && bytes < kBatchBytes) {
+  while (batch.size() < kDecodeEntries && bytes < kDecodeBytes) {
     struct archive_entry* ae = nullptr;
     int r = archive_read_next_header(archive_, &ae);
     if (r == ARCHIVE_EOF) {
@@ -564,7 +566,8 @@ class Applier {
 // leave the submitting thread for an io-wq worker, and with DEFER_TASKRUN every step of a linked
 // chain comes back through the loop, so each file crossed between the cores twice; those
 // hand-offs, not the syscalls, capped the apply at about 1.45x GNU tar. One hand-off per batch
-// of 32 files gives 1.65x on tmpfs and 1.8-1.9x on ext4 (BENCHMARKS.md, "Small files, session 4").
+// of 32 files gives 1.65-1.75x on tmpfs and 1.8-1.9x on ext4 (BENCHMARKS.md, "Small files,
+// session 4").
 void write_small_files(std::vector<SmallFile>& files, mode_t umask) {
   for (SmallFile& f : files) {
     int fd = sys::openat2(f.parent->fd.get(), f.base.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW,

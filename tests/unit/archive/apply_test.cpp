@@ -272,8 +272,8 @@ void set_ustar_size(std::vector<std::byte>& tar, const std::string& octal) {
   h[155] = ' ';
 }
 
-// "f" is written by a concurrent task; "f/g" must not race it by creating "f" as an implicit
-// parent directory first (the error then named "f" as a duplicate, now and then).
+// "f" is still queued for a batch on the offload pool; "f/g" must not race it by creating "f" as
+// an implicit parent directory first (the error then named "f" as a duplicate, now and then).
 TEST(ApplyTar, FileThenPathUnderItAlwaysBlamesThePathUnderIt) {
   for (int i = 0; i < 30; ++i) {
     SCOPED_TRACE(i);
@@ -330,7 +330,7 @@ std::size_t open_fd_count() {
   return n;
 }
 
-// A full disk in the middle of a file (small files are written by tasks, a large one block by
+// A full disk in the middle of a file (small files are written in batches, a large one block by
 // block) is an error naming the entry, and leaves no descriptor open.
 TEST(ApplyTar, DiskFullNamesTheEntryAndLeaksNothing) {
   if (!is_root()) GTEST_SKIP() << "needs root to mount a small tmpfs";
