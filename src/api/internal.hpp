@@ -125,8 +125,9 @@ class Connection {
   // Shutdown grace is over: unblock every socket operation.
   void abort_socket() noexcept;
 
-  // Request body, pulled through the parser: 0 at its end. Throws layerd::Error when the client
-  // goes away, stalls longer than the slow-client timeout, or sends a malformed chunk.
+  // Request body, pulled through the parser: fills `buf` whole unless the body ends first (0 at
+  // its end). Throws layerd::Error when the client goes away, stalls longer than the slow-client
+  // timeout, or sends a malformed chunk.
   core::Task<std::size_t> read_body(std::span<std::byte> buf);
   // The whole body as a string, at most max_json_bytes (HttpError 413 beyond).
   core::Task<std::string> read_small_body();
@@ -183,6 +184,7 @@ class Connection {
   bool headers_complete_ = false;
   bool message_complete_ = false;
   std::string body_buf_;  // decoded body bytes the parser produced and read_body has not taken
+  std::span<std::byte> body_target_;  // the rest of read_body's buffer while it feeds the parser
   std::size_t body_off_ = 0;
   bool continue_sent_ = false;
   bool response_started_ = false;
