@@ -195,10 +195,12 @@ int Connection::on_body(http_parser* p, const char* at, std::size_t len) {
   // empty.
   std::size_t direct = std::min(len, c->body_target_.size());
   if (direct > 0) {
-    std::memcpy(c->body_target_.data(), at, direct);
+    // Bytes received straight into the reader's buffer are already in place.
+    if (at != reinterpret_cast<const char*>(c->body_target_.data())) std::memcpy(c->body_target_.data(), at, direct);
     c->body_target_ = c->body_target_.subspan(direct);
   }
   c->body_buf_.append(at + direct, len - direct);
+  c->body_end_ = at + len;
   return 0;
 }
 
@@ -226,6 +228,8 @@ void Connection::reset_request() {
   body_buf_.clear();
   body_off_ = 0;
   body_target_ = {};
+  body_end_ = nullptr;
+  body_data_left_ = 0;
   continue_sent_ = false;
   response_started_ = false;
   http_parser_pause(&parser_, 0);
@@ -264,9 +268,19 @@ std::size_t Connection::feed(std::size_t max) {
   std::size_t n = std::min(in_end_ - in_begin_, max);
   if (n == 0) return 0;
   bool in_head = !headers_complete_;
-  std::size_t used = http_parser_execute(&parser_, &settings_, in_.data() + in_begin_, n);
+  std::size_t used = parse(in_.data() + in_begin_, n);
   in_begin_ += used;
   if (in_head) head_bytes_ += used;
+  return used;
+}
+
+std::size_t Connection::parse(const char* data, std::size_t size) {
+  body_end_ = nullptr;
+  std::size_t used = http_parser_execute(&parser_, &settings_, data, size);
+  // The parser counts down the bytes left of the body (Content-Length) or of the current chunk
+  // in content_length; that count is what comes next only if the input ended on body bytes.
+  const bool ended_in_body_data = used == size && body_end_ == data + size && !message_complete_;
+  body_data_left_ = ended_in_body_data && parser_.content_length != ULLONG_MAX ? parser_.content_length : 0;
   auto err = HTTP_PARSER_ERRNO(&parser_);
   if (err == HPE_PAUSED) {
     // Paused after the head: the body comes next. Paused after the message: stay paused until
@@ -326,6 +340,14 @@ core::Task<Connection::HeadResult> Connection::read_head() {
   co_return HeadResult::kRequest;
 }
 
+core::Task<int> Connection::receive_body_bytes(std::span<std::byte> into) {
+  core::CancelSource cancel;
+  WaitScope wait(waiting_, waiting_interruptible_, cancel, false);
+  co_return co_await core::recv(fd_.get(), into.data(), into.size())
+      .cancel_on(cancel)
+      .timeout(server_.config.slow_client_timeout);
+}
+
 core::Task<std::size_t> Connection::read_body(std::span<std::byte> buf) {
   // Fills `buf` whole unless the body ends first: a tar consumer then handles megabytes per
   // call, not one receive's worth.
@@ -342,21 +364,30 @@ core::Task<std::size_t> Connection::read_body(std::span<std::byte> buf) {
       }
     }
     if (got == buf.size() || message_complete_) co_return got;
+    // A streaming reader (ApplyDiff's tar decoder asks for megabytes); the 16 KiB reads of a
+    // JSON body keep the connection small and take the plain path.
+    const bool streaming = buf.size() - got > kInputBufferBytes;
+    const char* received = nullptr;  // body bytes received straight into `buf`
+    std::size_t received_size = 0;
     if (in_begin_ == in_end_) {
-      if (request_.expect_continue && !continue_sent_) {
-        // The client waits for this before it sends the body (curl does for large bodies).
-        continue_sent_ = true;
-        co_await send_all("HTTP/1.1 100 Continue\r\n\r\n");
-      }
-      // A streaming reader (ApplyDiff's tar decoder asks for megabytes) gets the larger input
-      // buffer; the 16 KiB reads of a JSON body keep the connection small.
-      if (buf.size() - got > kInputBufferBytes && in_.size() < kBodyInputBufferBytes) {
-        in_begin_ = in_end_ = 0;
-        in_.resize(kBodyInputBufferBytes);
-      }
-      core::CancelSource cancel;
       int n;
-      {
+      if (streaming && body_data_left_ > 0) {
+        // The next bytes are body data for certain: receive them straight into `buf` and let
+        // the parser run over them there (it then reports them in place: no copy).
+        auto into = buf.subspan(got, static_cast<std::size_t>(std::min<std::uint64_t>(buf.size() - got, body_data_left_)));
+        n = co_await receive_body_bytes(into);
+        if (n > 0) received = reinterpret_cast<const char*>(into.data()), received_size = static_cast<std::size_t>(n);
+      } else {
+        if (request_.expect_continue && !continue_sent_) {
+          // The client waits for this before it sends the body (curl does for large bodies).
+          continue_sent_ = true;
+          co_await send_all("HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        if (streaming && in_.size() < kBodyInputBufferBytes) {
+          in_begin_ = in_end_ = 0;
+          in_.resize(kBodyInputBufferBytes);
+        }
+        core::CancelSource cancel;
         WaitScope wait(waiting_, waiting_interruptible_, cancel, false);
         n = co_await fill(cancel, server_.config.slow_client_timeout);
       }
@@ -365,14 +396,22 @@ core::Task<std::size_t> Connection::read_body(std::span<std::byte> buf) {
       if (n == -ECANCELED) throw Error(ETIMEDOUT, "request body stalled");
       if (n < 0) throw Error(n, "receiving the request body");
     }
-    // on_body writes straight into the rest of `buf` while feed() runs, and never after (feed
-    // throws on a malformed chunk).
+    // on_body writes straight into the rest of `buf` while the parser runs, and never after
+    // (parsing throws on a malformed chunk).
     body_target_ = buf.subspan(got);
     struct ClearTarget {
       std::span<std::byte>& target;
       ~ClearTarget() { target = {}; }
     } clear_target{body_target_};
-    (void)feed(in_end_ - in_begin_);
+    if (received) {
+      if (parse(received, received_size) != received_size) {
+        // Cannot happen: these bytes were all inside the body the parser announced.
+        close_after_ = true;
+        throw Error(EPROTO, "request body: the parser stopped inside body data");
+      }
+    } else {
+      (void)feed(in_end_ - in_begin_);
+    }
     got = buf.size() - body_target_.size();
   }
 }

@@ -160,6 +160,11 @@ class Connection {
   core::Task<int> fill(core::CancelSource& cancel, std::optional<std::chrono::milliseconds> t);
   // Feeds buffered input to the parser (at most `max` bytes). Throws HttpError on bad input.
   std::size_t feed(std::size_t max);
+  // Runs the parser over `data` (the input buffer, or body bytes received straight into a
+  // reader's buffer). Throws HttpError on bad input.
+  std::size_t parse(const char* data, std::size_t size);
+  // Receives into `into`; result as recv. The slow-client timeout applies.
+  core::Task<int> receive_body_bytes(std::span<std::byte> into);
   void reset_request();
 
   static int on_url(http_parser* p, const char* at, std::size_t len);
@@ -185,6 +190,10 @@ class Connection {
   bool message_complete_ = false;
   std::string body_buf_;  // decoded body bytes the parser produced and read_body has not taken
   std::span<std::byte> body_target_;  // the rest of read_body's buffer while it feeds the parser
+  const char* body_end_ = nullptr;     // just past the body bytes the parser reported last
+  // Body bytes that follow for certain (the rest of a Content-Length body or of the current
+  // chunk) when the last parse ended inside body data; 0 when unknown.
+  std::uint64_t body_data_left_ = 0;
   std::size_t body_off_ = 0;
   bool continue_sent_ = false;
   bool response_started_ = false;
