@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <cctype>
+#include <climits>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -376,7 +377,10 @@ core::Task<std::size_t> Connection::read_body(std::span<std::byte> buf) {
         // the parser run over them there (it then reports them in place: no copy).
         auto into = buf.subspan(got, static_cast<std::size_t>(std::min<std::uint64_t>(buf.size() - got, body_data_left_)));
         n = co_await receive_body_bytes(into);
-        if (n > 0) received = reinterpret_cast<const char*>(into.data()), received_size = static_cast<std::size_t>(n);
+        if (n > 0) {
+          received = reinterpret_cast<const char*>(into.data());
+          received_size = static_cast<std::size_t>(n);
+        }
       } else {
         if (request_.expect_continue && !continue_sent_) {
           // The client waits for this before it sends the body (curl does for large bodies).
