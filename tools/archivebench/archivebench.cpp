@@ -287,6 +287,7 @@ int main(int argc, char** argv) {
     for (const auto& t : targets) profile_apply(small_tar, t, files, rate, cpu);
     // Removed by another process, so a profile of this one holds the applies alone.
     for (const auto& t : targets) run("rm -rf " + t);
+    std::filesystem::remove_all(dir);
     std::printf("layerd small apply, %d files, %d rounds: %.0f files/s (%.0f-%.0f), CPU %.2f us/file (%.2f-%.2f)\n",
                 files, rounds, rate.median(), rate.min(), rate.max(), cpu.median(), cpu.min(), cpu.max());
     return 0;
