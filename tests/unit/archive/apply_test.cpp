@@ -260,6 +260,63 @@ TEST(ApplyTar, ManySmallFilesInBatches) {
   EXPECT_EQ(read_file(g.target + "/" + file_name(200)), "content of 200" + std::string(200, 'c'));
 }
 
+// Consecutive directory entries are created by one offload job, in order: nested ones, one
+// listed twice (the second's mode wins, as an explicit entry over an implicit parent), one whose
+// parent lies below the run without being listed (created implicitly after the run), and a
+// set-gid directory whose subdirectories in the same run inherit its group; all keep their
+// modes and times.
+TEST(ApplyTar, DirectoryRuns) {
+  Fixture f;
+  std::vector<TarEntry> e;
+  e.push_back({.name = "a/", .type = AE_IFDIR, .perm = 0755, .mtime = 1'400'000'001});
+  e.push_back({.name = "a/b/", .type = AE_IFDIR, .perm = 0700, .mtime = 1'400'000'002});
+  e.push_back({.name = "a/b/c/", .type = AE_IFDIR, .perm = 0750, .mtime = 1'400'000'003});
+  e.push_back({.name = "a/b/", .type = AE_IFDIR, .perm = 0711, .mtime = 1'400'000'004});
+  e.push_back({.name = "a/x/y/", .type = AE_IFDIR, .perm = 0755, .mtime = 1'400'000'005});
+  e.push_back({.name = "g/", .type = AE_IFDIR, .perm = 02775, .gid = is_root() ? 4242 : 0, .mtime = 1'400'000'006});
+  e.push_back({.name = "g/sub/", .type = AE_IFDIR, .perm = 0755, .mtime = 1'400'000'007});
+  e.push_back({.name = "a/b/c/file", .data = "in a run's directory"});
+  auto r = apply_layer(make_tar(e), f.target);
+  EXPECT_EQ(r.entries, 8u);
+  auto mode_time = [&](const std::string& rel) {
+    struct stat st{};
+    EXPECT_EQ(::lstat((f.target + "/" + rel).c_str(), &st), 0) << rel;
+    return std::make_pair(st.st_mode & 07777, st.st_mtim.tv_sec);
+  };
+  EXPECT_EQ(mode_time("a"), std::make_pair(mode_t{0755}, time_t{1'400'000'001}));
+  EXPECT_EQ(mode_time("a/b"), std::make_pair(mode_t{0711}, time_t{1'400'000'004}));
+  EXPECT_EQ(mode_time("a/b/c"), std::make_pair(mode_t{0750}, time_t{1'400'000'003}));
+  EXPECT_EQ(mode_time("a/x/y"), std::make_pair(mode_t{0755}, time_t{1'400'000'005}));
+  EXPECT_EQ(mode_time("a/x").first, 0755u) << "an implicit parent is created 0755";
+  EXPECT_EQ(mode_time("g"), std::make_pair(mode_t{02775}, time_t{1'400'000'006}));
+  // A subdirectory of a set-gid directory keeps the set-gid bit (the kernel's rule, which a
+  // chmod would otherwise clear) unless its entry says otherwise: Docker applies the entry's mode.
+  EXPECT_EQ(mode_time("g/sub"), std::make_pair(mode_t{0755}, time_t{1'400'000'007}));
+  if (is_root()) {
+    struct stat st{};
+    ASSERT_EQ(::lstat((f.target + "/g/sub").c_str(), &st), 0);
+    EXPECT_EQ(st.st_gid, 0u) << "the entry's group (0) over the inherited one";
+    ASSERT_EQ(::lstat((f.target + "/g").c_str(), &st), 0);
+    EXPECT_EQ(st.st_gid, 4242u);
+  }
+  struct stat st{};
+  EXPECT_EQ(::lstat((f.target + "/a/b/c/file").c_str(), &st), 0);
+
+  // A directory entry over a symlink of the same name is refused, naming it, after the run
+  // before it was applied; and the entry limit stops a run at the entry that crosses it.
+  expect_refused(make_tar({{.name = "l", .type = AE_IFLNK, .perm = 0777, .link = "/etc"},
+                           {.name = "ok/", .type = AE_IFDIR, .perm = 0755},
+                           {.name = "l/", .type = AE_IFDIR, .perm = 0755}}),
+                 "'l/'", {"/l", "/ok"});
+  layerd::archive::ApplyOptions few;
+  few.max_entries = 3;
+  expect_refused(make_tar({{.name = "d1/", .type = AE_IFDIR, .perm = 0755},
+                           {.name = "d2/", .type = AE_IFDIR, .perm = 0755},
+                           {.name = "d3/", .type = AE_IFDIR, .perm = 0755},
+                           {.name = "d4/", .type = AE_IFDIR, .perm = 0755}}),
+                 "'d4/'", {"/d1", "/d2", "/d3"}, few);
+}
+
 // Rewrites the size field of the first ustar header and fixes its checksum.
 void set_ustar_size(std::vector<std::byte>& tar, const std::string& octal) {
   auto* h = reinterpret_cast<unsigned char*>(tar.data());
