@@ -720,14 +720,9 @@ core::Task<void> Applier::apply(Entry& e, Decoder& decoder) {
   if (!e.hardlink.empty()) {
     co_await apply_hardlink(e, p);
   } else {
+    // Directories come through apply_dir_run, which takes every one that gets this far.
     switch (e.type) {
       case AE_IFREG: co_await apply_file(e, p, decoder); break;
-      case AE_IFDIR: {
-        std::vector<NewDir> run;
-        run.push_back(NewDir{&e, p, co_await dir(p.parent, e.name, true), std::make_shared<DirHandle>()});
-        co_await make_dirs(std::move(run));
-        break;
-      }
       case AE_IFLNK: co_await apply_symlink(e, p); break;
       case AE_IFCHR:
       case AE_IFBLK:
